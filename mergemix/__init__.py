@@ -1,0 +1,18 @@
+"""mergemix: propose a mid-training data mixture by merging per-domain experts (MergeMix).
+
+Public API (mirrors the CLI)::
+
+    from mergemix import load_recipe, propose
+    proposal = propose(load_recipe("recipes/demo.yaml"))
+    print(proposal.table())
+"""
+
+from __future__ import annotations
+
+from mergemix.errors import MergemixError
+from mergemix.pipeline import propose
+from mergemix.proposal import Proposal
+from mergemix.recipe import Recipe, load_recipe
+
+__all__ = ["MergemixError", "Proposal", "Recipe", "load_recipe", "propose"]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""`mergemix` command line: each subcommand is a thin call of the public Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from mergemix.errors import MergemixError
+
+log = logging.getLogger("mergemix")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergemix", description="Propose a mid-training data mixture by merging "
+                                "per-domain experts (MergeMix).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("propose", "train experts, search mixtures, write proposal.json"),
+                        ("validate", "check a recipe and print it with every default filled in")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="recipe YAML file")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_bytes=1e6")
+        if name == "propose":
+            s.add_argument("--json", action="store_true", help="print proposal.json instead of the table")
+    return p
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("accelerate", "datasets", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        from mergemix.recipe import dump_recipe, load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            print(dump_recipe(recipe), end="")
+            print(f"# {args.recipe}: valid", file=sys.stderr)
+            return 0
+        from mergemix.pipeline import propose
+
+        start = time.perf_counter()
+        proposal = propose(recipe)
+        if args.json:
+            print(json.dumps(proposal.model_dump(mode="json"), indent=2))
+        else:
+            print()
+            print("Benchmark signal (base and experts):")
+            print(proposal.signal_table())
+            print()
+            print(proposal.table())
+            print(f"\nwrote {recipe.resolved_run_dir() / 'proposal.json'} in {time.perf_counter() - start:.0f} s")
+        return 0
+    except MergemixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

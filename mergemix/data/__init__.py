@@ -1,0 +1,1 @@
+"""Data: readers, built-in corpora, splitting and packing."""

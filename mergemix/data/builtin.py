@@ -1,0 +1,255 @@
+"""Offline corpora made at run time from what every Python install carries, plus generators.
+
+Training domains:
+  code   the standard library's source, docstrings removed
+  prose  the standard library's docstrings (> 200 characters) and the language reference (pydoc_data)
+  math   generated arithmetic: equations, chained operations, comparisons
+  facts  generated encyclopedic sentences about invented towns and people
+
+Downstream targets (never training domains; each draws on two domains at once, so the best mixture for
+them is something the domain list alone does not tell):
+  stdlib_modules     whole source files of standard-library modules held out of code and prose
+                     (code interleaved with its docstrings: code + prose)
+  word_problems      short stories about the invented towns and people with the arithmetic worked out
+                     (facts + math)
+  word_problems_mc   the same kind of problems as multiple choice: which worked answer is right
+
+Modules are divided between training and the target by a hash of their path, so no target text is ever
+a training text. Each corpus is written once as jsonl into the cache and then read like user data.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import logging
+import random
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mergemix.artifacts import atomic_path
+from mergemix.registry import Registry
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+Records = list[dict[str, Any]]
+BUILTINS: Registry[Callable[[], Records]] = Registry("built-in corpus")
+
+TARGET_BUCKETS = 10  # one module in ten is held out as the stdlib_modules target
+SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def materialize(name: str, cache_dir: Path) -> Path:
+    """Path of the jsonl file holding built-in corpus `name`, generating it on first use."""
+    make = BUILTINS.get(name)
+    key = f"{name}-py{sys.version_info.major}{sys.version_info.minor}-v{GENERATOR_VERSION}"
+    path = Path(cache_dir) / "builtin" / f"{key}.jsonl"
+    if not path.exists():
+        log.info("generating built-in corpus %s", name)
+        records = make()
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------ standard library
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not SKIP_PARTS.intersection(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: str(p.relative_to(root)))
+
+
+def _is_target(path: Path) -> bool:
+    digest = hashlib.sha256(path.name.encode() + str(path.parent.name).encode()).digest()
+    return digest[0] % TARGET_BUCKETS == 0
+
+
+def _docstring_nodes(tree: ast.Module) -> list[ast.Expr]:
+    nodes = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                first.value.value, str
+            ):
+                nodes.append(first)
+    return nodes
+
+
+def _split_module(source: str) -> tuple[str, list[str]]:
+    """(source without docstrings, the docstrings) of one module; unparsable modules give ('', [])."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return "", []
+    lines = source.splitlines(keepends=True)
+    drop: set[int] = set()
+    docs = []
+    for node in _docstring_nodes(tree):
+        docs.append(inspect.cleandoc(node.value.value))  # type: ignore[attr-defined]
+        drop.update(range(node.lineno - 1, (node.end_lineno or node.lineno)))
+    code = "".join(line for i, line in enumerate(lines) if i not in drop)
+    return code, docs
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+@BUILTINS.register("code")
+def _code() -> Records:
+    out = []
+    for p in _stdlib_files():
+        if not _is_target(p):
+            code, _ = _split_module(_read(p))
+            if code.strip():
+                out.append({"text": code})
+    return out
+
+
+@BUILTINS.register("prose")
+def _prose() -> Records:
+    out = []
+    for p in _stdlib_files():
+        if not _is_target(p):
+            _, docs = _split_module(_read(p))
+            out.extend({"text": d} for d in docs if len(d) > 200)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    out.extend({"text": text} for _, text in sorted(topics.items()) if len(text) > 200)
+    return out
+
+
+@BUILTINS.register("stdlib_modules")
+def _stdlib_modules() -> Records:
+    return [{"text": _read(p)} for p in _stdlib_files() if _is_target(p) and _read(p).strip()]
+
+
+# ------------------------------------------------------------------------------------------ generators
+
+_SYLLABLES = "ka lo ven mar tis bel dra no sul fen ri ash cor vel tam is gor le bri wen".split()
+_PRODUCTS = "cheese wool glass copper salt honey timber rope pottery cider".split()
+_JOBS = "baker miller weaver smith carpenter teacher fisher potter brewer clerk".split()
+_ITEMS = "apples coins books jars ropes candles baskets stones".split()
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
+    out: set[str] = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize())
+    return sorted(out)
+
+
+def _world() -> tuple[list[str], list[str]]:
+    """Invented towns and people shared by `facts` and the word problems (seeded: always the same)."""
+    rng = random.Random(1234)
+    names = _names(rng, 700)
+    rng.shuffle(names)
+    return names[:200], names[200:]
+
+
+@BUILTINS.register("facts")
+def _facts() -> Records:
+    rng = random.Random(1)
+    towns, people = _world()
+    out = []
+    for i in range(6000):
+        town, other, person = rng.choice(towns), rng.choice(towns), rng.choice(people)
+        pop = rng.randint(2, 90) * 100
+        sentences = [
+            f"{town} is a town on the river {rng.choice(towns)}.",
+            f"It has about {pop} inhabitants and is known for its {rng.choice(_PRODUCTS)}.",
+            f"{person} was born in {town} and works as a {rng.choice(_JOBS)} in {other}.",
+            f"The road from {town} to {other} is {rng.randint(3, 60)} miles long.",
+            f"{person} has {rng.randint(1, 6)} children and keeps {rng.randint(2, 40)} {rng.choice(_ITEMS)}.",
+        ]
+        rng.shuffle(sentences)
+        out.append({"text": " ".join(sentences[: rng.randint(3, 5)]) + ("\n" if i % 3 else "")})
+    return out
+
+
+def _expression(rng: random.Random) -> tuple[str, int]:
+    a, b = rng.randint(0, 99), rng.randint(1, 99)
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a} {op} {b}", value
+
+
+@BUILTINS.register("math")
+def _math() -> Records:
+    rng = random.Random(2)
+    out = []
+    for _ in range(8000):
+        lines = []
+        for _ in range(rng.randint(4, 10)):
+            kind = rng.random()
+            expr, value = _expression(rng)
+            if kind < 0.6:
+                lines.append(f"{expr} = {value}")
+            elif kind < 0.85:
+                c = rng.randint(1, 9)
+                lines.append(f"({expr}) + {c} = {value} + {c} = {value + c}")
+            else:
+                other = rng.randint(0, 150)
+                rel = "<" if value < other else ">" if value > other else "="
+                lines.append(f"{expr} = {value} {rel} {other}")
+        out.append({"text": "\n".join(lines)})
+    return out
+
+
+def _word_problem(rng: random.Random, towns: list[str], people: list[str]) -> tuple[str, str, int, str]:
+    """(story, question, answer, worked expression) of one problem about the invented world."""
+    person, town, item = rng.choice(people), rng.choice(towns), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 40), rng.randint(1, 30)
+    kind = rng.randrange(3)
+    if kind == 0:
+        story = f"{person} lives in {town} and has {a} {item}. At the market {person} buys {b} more."
+        return story, f"How many {item} does {person} have now?", a + b, f"{a} + {b}"
+    if kind == 1:
+        a = a + b
+        story = f"{person} brought {a} {item} to {town} and sold {b} of them."
+        return story, f"How many {item} are left?", a - b, f"{a} - {b}"
+    a, b = rng.randint(2, 12), rng.randint(2, 9)
+    story = f"In {town}, {person} fills {a} baskets with {b} {item} each."
+    return story, f"How many {item} is that in all?", a * b, f"{a} * {b}"
+
+
+def _problems(seed: int, n: int) -> list[tuple[str, str, int, str]]:
+    rng = random.Random(seed)
+    towns, people = _world()
+    return [_word_problem(rng, towns, people) for _ in range(n)]
+
+
+@BUILTINS.register("word_problems")
+def _word_problems() -> Records:
+    return [
+        {"text": f"{story} {question}\nAnswer: {work} = {answer}.\n"}
+        for story, question, answer, work in _problems(seed=3, n=1500)
+    ]
+
+
+@BUILTINS.register("word_problems_mc")
+def _word_problems_mc() -> Records:
+    rng = random.Random(5)
+    out = []
+    for story, question, answer, work in _problems(seed=4, n=400):
+        wrong = sorted({answer + d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0} - {answer})
+        choices = [f"{work} = {answer}", *(f"{work} = {w}" for w in rng.sample(wrong, 3))]
+        rng.shuffle(choices)
+        out.append(
+            {"question": f"{story} {question}\nAnswer:", "choices": choices, "answer": choices.index(f"{work} = {answer}")}
+        )
+    return out

@@ -1,0 +1,167 @@
+"""`propose`: the whole MergeMix pipeline, stage by stage, each stage reusing what is already on disk.
+
+data → base → packed blocks → experts → in-place merger → search → mixture → proposal.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergemix.artifacts import stable_hash, write_json, write_text
+from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
+from mergemix.evaluate import Evaluator
+from mergemix.experts import Expert, general_probs, train_experts
+from mergemix.merge import InPlaceMerger
+from mergemix.mixture import to_mixture
+from mergemix.modeling import build_demo_base, fingerprint, load_base
+from mergemix.proposal import Proposal, Scored, Signal
+from mergemix.recipe import Recipe, dump_recipe
+from mergemix.search import SearchResult, Trial, run_search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage, written to timings.json (kept out of proposal.json, which must be
+    identical for identical inputs)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.stages[name] = round(time.perf_counter() - start, 2)
+        log.info("stage %s done in %.1f s", name, self.stages[name])
+
+
+@dataclass
+class Workspace:
+    """What the stages hand each other in memory (each is also on disk or in the cache)."""
+
+    recipe: Recipe
+    run_dir: Path
+    cache_dir: Path
+    timings: Timings
+    docs: dict[str, DomainDocs] = field(default_factory=dict)
+    base_path: Path | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    blocks: dict[str, DomainBlocks] = field(default_factory=dict)
+    experts: list[Expert] = field(default_factory=list)
+
+
+def _setup(recipe: Recipe) -> Workspace:
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    run_dir = recipe.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    return Workspace(recipe, run_dir, recipe.resolved_cache_dir(), Timings())
+
+
+def prepare_base_and_data(ws: Workspace) -> None:
+    """Read and split the domains, get the base (local or demo, built once), pack every domain."""
+    r = ws.recipe
+    with ws.timings.stage("data"):
+        ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir) for d in r.data.domains}
+    with ws.timings.stage("base"):
+        if r.base.path:
+            ws.base_path = Path(r.base.path)
+        else:
+            pools = {n: d.pools["base"] for n, d in ws.docs.items()}
+            ws.base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, ws.cache_dir, r.device)
+        ws.model, ws.tokenizer = load_base(ws.base_path, r.base)
+        if r.device == "auto" and torch.cuda.is_available():
+            ws.model.to("cuda")
+    with ws.timings.stage("pack"):
+        ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
+
+
+def _signal(result: SearchResult, recipe: Recipe) -> list[Signal]:
+    experts = [t for t in result.trials if t.kind == "vertex"]
+    rows = []
+    for b in recipe.evaluation.benchmarks:
+        m = b.objective_metric
+        values = [t.raw[b.name][m] for t in experts]
+        base = result.base.raw[b.name][m]
+        everything = [base, *values]
+        rows.append(Signal(
+            benchmark=b.name, metric=m, base=round(base, 5), expert_min=round(min(values), 5),
+            expert_max=round(max(values), 5), spread=round(max(everything) - min(everything), 5),
+            stderr=round(float(np.mean([t.raw[b.name][f"{m}_se"] for t in [result.base, *experts]])), 5),
+        ))
+    return rows
+
+
+def _scored(t: Trial, predicted: float | None = None) -> Scored:
+    return Scored(alpha=t.alpha, objective=round(t.objective, 6),
+                  capabilities={g: round(v, 6) for g, v in t.capabilities.items()},
+                  predicted=None if predicted is None else round(predicted, 6))
+
+
+def propose(recipe: Recipe) -> Proposal:
+    """Run the MergeMix pipeline for `recipe` and return the proposal (also written to proposal.json in
+    the run directory). Stages whose inputs are unchanged are reused; a killed run resumes."""
+    ws = _setup(recipe)
+    prepare_base_and_data(ws)
+    assert ws.model is not None and ws.base_path is not None
+    with ws.timings.stage("experts"):
+        base_hash = fingerprint(ws.base_path)
+        ws.experts = train_experts(recipe, ws.model, base_hash, ws.blocks, ws.run_dir)
+    with ws.timings.stage("search"):
+        evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
+                              ws.cache_dir)
+        merger = InPlaceMerger(ws.model, [e.state() for e in ws.experts], recipe.merge.method)
+        names = recipe.domain_names
+
+        def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
+            merger.apply([alpha[d] for d in names])
+            return evaluator(ws.model)
+
+        eval_key = stable_hash([[e.key for e in ws.experts], recipe.evaluation.model_dump(mode="json"),
+                                recipe.merge.method, recipe.data.seq_len])
+        prior = np.array(general_probs(ws.blocks, names))
+        result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key)
+        merger.restore()
+    with ws.timings.stage("mixture"):
+        available = {
+            d.name: d.available_tokens or ws.blocks[d.name].n_tokens for d in recipe.data.domains
+        }
+        shares = to_mixture(result.star.alpha, available, recipe.mixture)
+        vertices = [t for t in result.trials if t.kind == "vertex"]
+        best_expert = max(vertices, key=lambda t: t.objective)
+        proposal = Proposal(
+            name=recipe.name,
+            seed=recipe.seed,
+            domains=names,
+            alpha_star=result.star.alpha,
+            mixture=shares,
+            total_tokens=recipe.mixture.total_tokens,
+            proposal=_scored(result.star, result.predicted_star),
+            baselines={
+                "base": _scored(result.base),
+                "uniform": _scored(result.by_kind("uniform")),
+                "token_prior": _scored(result.by_kind("token_prior")),
+                f"expert:{names[vertices.index(best_expert)]}": _scored(best_expert),
+            },
+            signal=_signal(result, recipe),
+            surrogate=recipe.search.surrogate,
+            surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
+            n_trials=len(result.trials) + 1,
+        )
+        write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
+    write_json(ws.run_dir / "timings.json", ws.timings.stages)
+    log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
+    return proposal

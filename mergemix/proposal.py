@@ -1,0 +1,88 @@
+"""The proposal: what `propose` returns and writes to proposal.json, and its readable table."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Share(_Frozen):
+    domain: str
+    alpha: float
+    ratio: float
+    tokens: int
+    available_tokens: int
+    epochs: float
+    capped: bool
+
+
+class Scored(_Frozen):
+    """A mixture scored by real merge + evaluation (the base has all weights 0)."""
+
+    alpha: dict[str, float]
+    objective: float
+    capabilities: dict[str, float]
+    predicted: float | None = None
+
+
+class Signal(_Frozen):
+    """Can this benchmark tell models apart? Spread of its metric over base + experts vs its noise."""
+
+    benchmark: str
+    metric: str
+    base: float
+    expert_min: float
+    expert_max: float
+    spread: float
+    stderr: float
+
+    @property
+    def ratio(self) -> float:
+        return self.spread / self.stderr if self.stderr > 0 else float("inf")
+
+
+class Proposal(_Frozen):
+    name: str
+    seed: int
+    domains: list[str]
+    alpha_star: dict[str, float]
+    mixture: list[Share]
+    total_tokens: int
+    proposal: Scored
+    baselines: dict[str, Scored]  # base, uniform, token_prior, best_expert
+    signal: list[Signal]
+    surrogate: str
+    surrogate_loo_rmse: dict[str, float]
+    n_trials: int
+
+    def table(self) -> str:
+        """Mixture and objective comparison, as plain text."""
+        lines = [f"Proposed mixture for {self.name} ({self.total_tokens:,} tokens)", ""]
+        lines.append(f"{'domain':<14}{'ratio':>8}{'tokens':>16}{'epochs':>9}")
+        for s in self.mixture:
+            flag = "  (capped)" if s.capped else ""
+            lines.append(f"{s.domain:<14}{s.ratio:>8.3f}{s.tokens:>16,}{s.epochs:>9.2f}{flag}")
+        groups = list(self.proposal.capabilities)
+        widths = [max(10, len(g) + 2) for g in groups]
+        lines += ["", f"{'mixture':<22}{'objective':>10}" + "".join(f"{g:>{w}}" for g, w in zip(groups, widths))]
+        rows = [("proposal (verified)", self.proposal), *((k, v) for k, v in self.baselines.items())]
+        for label, sc in rows:
+            lines.append(f"{label:<22}{sc.objective:>10.3f}"
+                         + "".join(f"{sc.capabilities[g]:>{w}.3f}" for g, w in zip(groups, widths)))
+        if self.proposal.predicted is not None:
+            lines.append(f"(surrogate predicted {self.proposal.predicted:.3f} for the proposal; objective: base = 0, "
+                         "best single expert = 1 per benchmark)")
+        return "\n".join(lines)
+
+    def signal_table(self) -> str:
+        """Benchmarks' spread over base + experts next to their standard error over items."""
+        lines = [f"{'benchmark':<22}{'metric':>8}{'base':>10}{'experts':>18}{'spread':>9}{'stderr':>9}{'ratio':>7}"]
+        for s in self.signal:
+            span = f"{s.expert_min:.3f}..{s.expert_max:.3f}"
+            lines.append(f"{s.benchmark:<22}{s.metric:>8}{s.base:>10.3f}{span:>18}{s.spread:>9.3f}{s.stderr:>9.3f}"
+                         f"{s.ratio:>7.1f}")
+        lines.append("ratio = spread / stderr: below ~3 the benchmark barely tells these models apart")
+        return "\n".join(lines)

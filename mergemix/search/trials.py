@@ -1,0 +1,38 @@
+"""The trial log: one JSON line per evaluated α, appended as each finishes, so a rerun resumes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mergemix.artifacts import append_jsonl, read_jsonl
+
+
+def alpha_key(alpha: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    """Identity of a mixture (domain → weight), rounded so that float noise does not split it."""
+    return tuple((d, round(float(a), 6)) for d, a in sorted(alpha.items()))
+
+
+class TrialLog:
+    """Trials of one evaluation setting (`eval_key`: experts, benchmarks, merge method); lines written under
+    another setting stay in the file but are not reused."""
+
+    def __init__(self, path: Path, eval_key: str) -> None:
+        self.path = path
+        self.eval_key = eval_key
+        self._by_alpha: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
+        for rec in read_jsonl(path):
+            if rec.get("eval_key") == eval_key:
+                self._by_alpha[alpha_key(rec["alpha"])] = rec
+
+    def get(self, alpha: Mapping[str, float]) -> dict[str, Any] | None:
+        return self._by_alpha.get(alpha_key(alpha))
+
+    def add(self, record: dict[str, Any]) -> None:
+        record = {**record, "eval_key": self.eval_key}
+        append_jsonl(self.path, record)
+        self._by_alpha[alpha_key(record["alpha"])] = record
+
+    def __len__(self) -> int:
+        return len(self._by_alpha)
