@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mergemix.artifacts import stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
-from mergemix.evaluate import Evaluator
+from mergemix.evaluate import Evaluator, read_benchmarks
 from mergemix.experts import Expert, general_probs, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
@@ -59,6 +60,7 @@ class Workspace:
     tokenizer: object = None
     blocks: dict[str, DomainBlocks] = field(default_factory=dict)
     experts: list[Expert] = field(default_factory=list)
+    benchmark_data: dict[str, Any] = field(default_factory=dict)
 
 
 def _setup(recipe: Recipe) -> Workspace:
@@ -76,6 +78,7 @@ def prepare_base_and_data(ws: Workspace) -> None:
     r = ws.recipe
     with ws.timings.stage("data"):
         ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir) for d in r.data.domains}
+        ws.benchmark_data = read_benchmarks(r, ws.cache_dir)
     with ws.timings.stage("base"):
         if r.base.path:
             ws.base_path = Path(r.base.path)
@@ -122,7 +125,7 @@ def propose(recipe: Recipe) -> Proposal:
         ws.experts = train_experts(recipe, ws.model, base_hash, ws.blocks, ws.run_dir)
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
-                              ws.cache_dir)
+                              ws.cache_dir, ws.benchmark_data)
         merger = InPlaceMerger(ws.model, [e.state() for e in ws.experts], recipe.merge.method)
         names = recipe.domain_names
 

@@ -67,11 +67,11 @@ class Proposal(_Frozen):
             lines.append(f"{s.domain:<14}{s.ratio:>8.3f}{s.tokens:>16,}{s.epochs:>9.2f}{flag}")
         groups = list(self.proposal.capabilities)
         widths = [max(10, len(g) + 2) for g in groups]
-        lines += ["", f"{'mixture':<22}{'objective':>10}" + "".join(f"{g:>{w}}" for g, w in zip(groups, widths))]
+        lines += ["", f"{'mixture':<22}{'objective':>10}" + "".join(f"{g:>{w}}" for g, w in zip(groups, widths, strict=True))]
         rows = [("proposal (verified)", self.proposal), *((k, v) for k, v in self.baselines.items())]
         for label, sc in rows:
             lines.append(f"{label:<22}{sc.objective:>10.3f}"
-                         + "".join(f"{sc.capabilities[g]:>{w}.3f}" for g, w in zip(groups, widths)))
+                         + "".join(f"{sc.capabilities[g]:>{w}.3f}" for g, w in zip(groups, widths, strict=True)))
         if self.proposal.predicted is not None:
             lines.append(f"(surrogate predicted {self.proposal.predicted:.3f} for the proposal; objective: base = 0, "
                          "best single expert = 1 per benchmark)")

@@ -364,6 +364,10 @@ def _format_error(err: dict[str, Any]) -> str:
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}" if known else ""
         return f"{where}: unknown key{hint}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if err["type"] in bounds:
+        (limit,) = err["ctx"].values()
+        return f"{where}: must be {bounds[err['type']]} {limit:g}, got {err['input']!r}"
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
     if err["type"] == "missing":

@@ -12,7 +12,7 @@ them is something the domain list alone does not tell):
                      (code interleaved with its docstrings: code + prose)
   word_problems      short stories about the invented towns and people with the arithmetic worked out
                      (facts + math)
-  word_problems_mc   the same kind of problems as multiple choice: which worked answer is right
+  word_problems_mc   the same kind of problems as multiple choice: which number ends the worked answer
 
 Modules are divided between training and the target by a hash of their path, so no target text is ever
 a training text. Each corpus is written once as jsonl into the cache and then read like user data.
@@ -28,6 +28,7 @@ import logging
 import random
 import sys
 import sysconfig
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,13 @@ from mergemix.registry import Registry
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 Records = list[dict[str, Any]]
 BUILTINS: Registry[Callable[[], Records]] = Registry("built-in corpus")
 
 TARGET_BUCKETS = 10  # one module in ten is held out as the stdlib_modules target
-SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+# encodings/ is ~120 generated, near-identical codec tables: boilerplate on either side of the split
+SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings"}
 
 
 def materialize(name: str, cache_dir: Path) -> Path:
@@ -71,6 +73,27 @@ def _stdlib_files() -> list[Path]:
 def _is_target(path: Path) -> bool:
     digest = hashlib.sha256(path.name.encode() + str(path.parent.name).encode()).digest()
     return digest[0] % TARGET_BUCKETS == 0
+
+
+def _long_lines(text: str) -> set[str]:
+    return {s for line in text.splitlines() if len(s := line.strip()) > 50}
+
+
+def _distinctive_lines(files: list[Path]) -> dict[Path, set[str]]:
+    """Each module's long lines that occur in fewer than three modules: content, not idiom or boilerplate
+    (`__class_getitem__ = classmethod(types.GenericAlias)`, licence headers)."""
+    lines = {p: _long_lines(_read(p)) for p in files}
+    counts = Counter(line for s in lines.values() for line in s)
+    return {p: {line for line in s if counts[line] < 3} for p, s in lines.items()}
+
+
+def _training_files() -> list[Path]:
+    """Modules for code and prose: not held out, and sharing no distinctive line with a held-out module
+    (the standard library carries a few copied docstrings and vendored duplicates)."""
+    files = _stdlib_files()
+    distinctive = _distinctive_lines(files)
+    held = set().union(*(distinctive[p] for p in files if _is_target(p)))
+    return [p for p in files if not _is_target(p) and not (distinctive[p] & held)]
 
 
 def _docstring_nodes(tree: ast.Module) -> list[ast.Expr]:
@@ -108,21 +131,19 @@ def _read(path: Path) -> str:
 @BUILTINS.register("code")
 def _code() -> Records:
     out = []
-    for p in _stdlib_files():
-        if not _is_target(p):
-            code, _ = _split_module(_read(p))
-            if code.strip():
-                out.append({"text": code})
+    for p in _training_files():
+        code, _ = _split_module(_read(p))
+        if code.strip():
+            out.append({"text": code})
     return out
 
 
 @BUILTINS.register("prose")
 def _prose() -> Records:
     out = []
-    for p in _stdlib_files():
-        if not _is_target(p):
-            _, docs = _split_module(_read(p))
-            out.extend({"text": d} for d in docs if len(d) > 200)
+    for p in _training_files():
+        _, docs = _split_module(_read(p))
+        out.extend({"text": d} for d in docs if len(d) > 200)
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
@@ -243,13 +264,14 @@ def _word_problems() -> Records:
 
 @BUILTINS.register("word_problems_mc")
 def _word_problems_mc() -> Records:
+    """The worked expression ends the question and the options are numbers only, so the score measures
+    the arithmetic, not the shared wording."""
     rng = random.Random(5)
     out = []
     for story, question, answer, work in _problems(seed=4, n=400):
         wrong = sorted({answer + d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0} - {answer})
-        choices = [f"{work} = {answer}", *(f"{work} = {w}" for w in rng.sample(wrong, 3))]
+        choices = [str(answer), *(str(w) for w in rng.sample(wrong, 3))]
         rng.shuffle(choices)
-        out.append(
-            {"question": f"{story} {question}\nAnswer:", "choices": choices, "answer": choices.index(f"{work} = {answer}")}
-        )
+        out.append({"question": f"{story} {question}\nAnswer: {work} =", "choices": choices,
+                    "answer": choices.index(str(answer))})
     return out

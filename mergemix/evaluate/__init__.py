@@ -4,6 +4,7 @@ benchmarks, and the objective built from them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,20 +13,33 @@ from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext
 from mergemix.evaluate.objective import Objective
 from mergemix.recipe import Recipe
 
-__all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Evaluator", "Objective"]
+__all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Evaluator", "Objective", "read_benchmarks"]
+
+
+def read_benchmarks(recipe: Recipe, cache_dir: Path) -> dict[str, Any]:
+    """Every benchmark's data, read and checked (run this before training: bad files fail fast)."""
+    data = {}
+    for spec in recipe.evaluation.benchmarks:
+        try:
+            data[spec.name] = BENCHMARKS.get(spec.kind).read(spec, cache_dir)
+        except MergemixError as e:
+            raise MergemixError(f"benchmark {spec.name!r}: {e}") from None
+    return data
 
 
 class Evaluator:
-    """All benchmarks of a recipe, loaded and tokenized once, scoring any model on demand."""
+    """All benchmarks of a recipe, tokenized once, scoring any model on demand."""
 
-    def __init__(self, recipe: Recipe, tokenizer: object, heldout: dict[str, torch.Tensor], cache_dir: Path):
+    def __init__(self, recipe: Recipe, tokenizer: object, heldout: dict[str, torch.Tensor], cache_dir: Path,
+                 data: dict[str, Any] | None = None):
+        data = data if data is not None else read_benchmarks(recipe, cache_dir)
         ctx = EvalContext(tokenizer, recipe.data.seq_len, heldout, cache_dir, recipe.evaluation.batch_size, recipe.seed)
         self.benchmarks: dict[str, Benchmark] = {}
         for spec in recipe.evaluation.benchmarks:
             try:
-                self.benchmarks[spec.name] = BENCHMARKS.get(spec.kind)(spec, ctx)
+                self.benchmarks[spec.name] = BENCHMARKS.get(spec.kind)(spec, ctx, data[spec.name])
             except MergemixError as e:
-                raise MergemixError(f"evaluation.benchmarks {spec.name!r}: {e}") from None
+                raise MergemixError(f"benchmark {spec.name!r}: {e}") from None
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:

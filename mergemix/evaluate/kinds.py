@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,19 @@ class EvalContext:
 
 
 class Benchmark:
+    """A benchmark kind. `read` loads and checks the data before anything is trained (a malformed file
+    fails in seconds, not after the experts); the constructor tokenizes it; `score` scores a model."""
+
     metrics: ClassVar[tuple[str, ...]]  # the first one is the default objective metric
     higher_is_better: ClassVar[dict[str, bool]]
 
-    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext) -> None:
+    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: Any) -> None:
         self.spec = spec
         self.ctx = ctx
+
+    @staticmethod
+    def read(spec: BenchmarkSpec, cache_dir: Path) -> Any:
+        raise NotImplementedError
 
     def score(self, model: torch.nn.Module) -> dict[str, float]:
         raise NotImplementedError
@@ -71,14 +78,23 @@ class Perplexity(Benchmark):
     metrics = ("loss",)
     higher_is_better = {"loss": False}
 
-    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext) -> None:
-        super().__init__(spec, ctx)
-        if spec.domain is not None:
+    @staticmethod
+    def read(spec: BenchmarkSpec, cache_dir: Path) -> list[str] | None:
+        """The texts of a path benchmark; None for a domain's held-out pool (packed with the domain)."""
+        if spec.path is None:
+            return None
+        texts = read_texts(spec.path, "auto", spec.text_field, cache_dir)
+        if not any(t.strip() for t in texts):
+            raise MergemixError(f"{spec.path}: holds no text")
+        return texts
+
+    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: list[str] | None) -> None:
+        super().__init__(spec, ctx, data)
+        if data is None:
+            assert spec.domain is not None
             blocks = ctx.heldout[spec.domain]
         else:
-            assert spec.path is not None
-            texts = read_texts(spec.path, "auto", spec.text_field, ctx.cache_dir)
-            blocks, _ = pack_texts(texts, ctx.tokenizer, ctx.seq_len, desc=spec.name)
+            blocks, _ = pack_texts(data, ctx.tokenizer, ctx.seq_len, desc=spec.name)
             if len(blocks) == 0:
                 raise MergemixError(
                     f"benchmark {spec.name!r}: {spec.path} holds fewer than seq_len={ctx.seq_len} tokens of text"
@@ -146,10 +162,14 @@ class MultipleChoice(Benchmark):
     metrics = ("score", "acc", "acc_norm")
     higher_is_better = {"score": True, "acc": True, "acc_norm": True}
 
-    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext) -> None:
-        super().__init__(spec, ctx)
+    @staticmethod
+    def read(spec: BenchmarkSpec, cache_dir: Path) -> list[tuple[str, str, list[str], int]]:
         assert spec.path is not None
-        raw = load_mc_items(spec.path, ctx.cache_dir)
+        return load_mc_items(spec.path, cache_dir)
+
+    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: list[tuple[str, str, list[str], int]]) -> None:
+        super().__init__(spec, ctx, data)
+        raw = data
         if spec.max_items is not None and len(raw) > spec.max_items:
             raw = random.Random(ctx.seed).sample(raw, spec.max_items)
         tok = ctx.tokenizer

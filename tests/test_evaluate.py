@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mergemix.errors import MergemixError
+from mergemix.evaluate import EvalContext, Objective
+from mergemix.evaluate.kinds import MultipleChoice, Perplexity
+from mergemix.recipe import BenchmarkSpec, EvalSpec
+
+
+def _ctx(tok: Any, tmp_path: Path, heldout: dict | None = None, batch_size: int = 3) -> EvalContext:
+    return EvalContext(tok, 16, heldout or {}, tmp_path, batch_size, 0)
+
+
+def _mc_file(tmp_path: Path, lines: list[Any]) -> Path:
+    p = tmp_path / "mc.jsonl"
+    p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return p
+
+
+def _direct_logprob(model: torch.nn.Module, tok: Any, context: str, option: str) -> tuple[float, int]:
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    opt = tok(" " + option, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + opt])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    return sum(lp[len(ctx) - 1 + i, t].item() for i, t in enumerate(opt)), len(opt)
+
+
+def test_multiple_choice_matches_unbatched_scoring(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny_lm
+    items = [
+        {"question": "the quick brown", "choices": ["fox", "dog jumps", "0"], "answer": 0},
+        {"question": "1 + 2 =", "choices": ["3", "4 4 4 4", "5", "lazy"], "answer": 2},
+        {"question": "over the", "choices": ["lazy dog", "quick"], "answer": 1},
+    ]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    bench = MultipleChoice(spec, _ctx(tok, tmp_path, batch_size=2), MultipleChoice.read(spec, tmp_path))
+    result = bench.score(model)
+    acc, acc_norm, margin = [], [], []
+    for it in items:
+        scored = [_direct_logprob(model, tok, it["question"], c) for c in it["choices"]]
+        total = [s for s, _ in scored]
+        acc.append(float(total.index(max(total)) == it["answer"]))
+        per_char = [s / len(c) for s, c in zip(total, it["choices"], strict=True)]
+        acc_norm.append(float(per_char.index(max(per_char)) == it["answer"]))
+        per_tok = [s / n for s, n in scored]
+        wrong = [v for k, v in enumerate(per_tok) if k != it["answer"]]
+        margin.append(per_tok[it["answer"]] - sum(wrong) / len(wrong))
+    assert result["acc"] == pytest.approx(sum(acc) / 3)
+    assert result["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
+    assert result["score"] == pytest.approx(sum(margin) / 3, abs=1e-4)
+    assert result["chance"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 2) / 3)
+
+
+@pytest.mark.parametrize(
+    ("line", "pattern"),
+    [
+        ('{"question": "q", "choices": ["a", "b"]}', r"mc.jsonl:2: missing field answer"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 2}', r"mc.jsonl:2: answer must be an index .*got 2"),
+        ('{"question": "q", "choices": ["a"], "answer": 0}', r"mc.jsonl:2: choices must be a list of two or more"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 0', r"mc.jsonl:2: not valid JSON"),
+    ],
+)
+def test_malformed_multiple_choice_names_line(tmp_path: Path, line: str, pattern: str) -> None:
+    good = {"question": "q", "choices": ["a", "b"], "answer": 0}
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, [good, line])))
+    with pytest.raises(MergemixError, match=pattern):
+        MultipleChoice.read(spec, tmp_path)
+
+
+def test_perplexity_is_mean_token_loss(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny_lm
+    blocks = torch.randint(0, len(tok), (5, 16))
+    spec = BenchmarkSpec(name="p", kind="perplexity", domain="d")
+    result = Perplexity(spec, _ctx(tok, tmp_path, {"d": blocks}), None).score(model)
+    with torch.no_grad():
+        expected = model(input_ids=blocks, labels=blocks).loss.item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-4)
+    assert result["loss_se"] > 0 and result["n"] == 5
+
+
+def test_objective_normalizes_base_to_zero_and_best_expert_to_one() -> None:
+    spec = EvalSpec(
+        benchmarks=[
+            BenchmarkSpec(name="ppl", kind="perplexity", domain="d", capability="a"),
+            BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="acc", capability="b"),
+        ],
+        weights={"a": 3.0, "b": 1.0},
+    )
+    base = {"ppl": {"loss": 4.0}, "mc": {"acc": 0.3, "chance": 0.25}}
+    experts = [{"ppl": {"loss": 3.0}, "mc": {"acc": 0.5, "chance": 0.25}},
+               {"ppl": {"loss": 3.5}, "mc": {"acc": 0.25, "chance": 0.25}}]
+    obj = Objective.from_references(spec, base, experts)
+    norm, caps, value = obj(base)
+    assert norm["ppl"] == pytest.approx(0.0) and norm["mc"] == pytest.approx((0.3 - 0.25) / 0.75)
+    norm, caps, value = obj(experts[0])
+    assert norm["ppl"] == pytest.approx(1.0)  # the best expert on loss
+    assert caps == {"a": pytest.approx(1.0), "b": pytest.approx(1 / 3)}
+    assert value == pytest.approx((3 * 1.0 + 1 / 3) / 4)

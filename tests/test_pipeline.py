@@ -1,0 +1,69 @@
+"""End to end: the whole pipeline on the micro recipe (real training, merging and scoring)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mergemix import Proposal, load_recipe, propose
+from mergemix.artifacts import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path) -> None:
+    recipe = load_recipe(micro_recipe_file)
+    proposal = propose(recipe)
+    run = recipe.resolved_run_dir()
+    assert isinstance(proposal, Proposal)
+
+    # ratios on the simplex; tokens add up to the budget
+    assert sum(proposal.alpha_star.values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(v >= 0 for v in proposal.alpha_star.values())
+    assert sum(s.tokens for s in proposal.mixture) == pytest.approx(recipe.mixture.total_tokens, abs=3)
+    assert [s.domain for s in proposal.mixture] == ["math", "prose", "code"]
+
+    # trials: the base, 8 seeds, 2 verified candidates; each with per-benchmark scores and an objective
+    trials = read_jsonl(run / "trials.jsonl")
+    kinds = [t["kind"] for t in trials]
+    assert kinds.count("base") == 1 and kinds.count("vertex") == 3 and kinds.count("verify") == 2
+    assert len(trials) == 1 + 8 + 2
+    for t in trials:
+        assert set(t["raw"]) == {"target", "math_heldout", "sums"}
+        assert set(t["capabilities"]) == {"coding", "math"}
+    # the proposal is the best evaluated mixture, scored no worse than the baselines
+    best = max(trials, key=lambda t: t["objective"])
+    assert proposal.proposal.objective == pytest.approx(best["objective"], abs=1e-6)
+    assert proposal.proposal.objective >= proposal.baselines["uniform"].objective
+    assert proposal.baselines["base"].objective == pytest.approx(0.0, abs=1e-9)
+
+    on_disk = json.loads((run / "proposal.json").read_text())
+    assert Proposal.model_validate(on_disk) == proposal
+    assert (run / "recipe.resolved.yaml").exists()
+    for d in recipe.domain_names:
+        manifest = json.loads((run / "experts" / d / "manifest.json").read_text())
+        assert manifest["steps"] == 6 and manifest["replay"] == 0.25 and len(manifest["loss_curve"]) == 6
+        assert not list((run / "experts" / d).glob("checkpoint-*"))
+
+    # a second run reuses the experts (files untouched) and every trial (the log does not grow)
+    mtimes = {d: (run / "experts" / d / "model.safetensors").stat().st_mtime_ns for d in recipe.domain_names}
+    again = propose(recipe)
+    assert again == proposal
+    assert mtimes == {d: (run / "experts" / d / "model.safetensors").stat().st_mtime_ns for d in recipe.domain_names}
+    assert len(read_jsonl(run / "trials.jsonl")) == len(trials)
+
+
+def test_same_recipe_and_seed_give_the_same_proposal(micro_recipe_file: Path, tmp_path: Path) -> None:
+    raw: dict[str, Any] = yaml.safe_load(micro_recipe_file.read_text())
+    outputs = []
+    for i in range(2):
+        raw["run_dir"] = str(tmp_path / f"run{i}")
+        path = tmp_path / f"r{i}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        propose(load_recipe(path))
+        outputs.append((tmp_path / f"run{i}" / "proposal.json").read_bytes())
+    assert outputs[0] == outputs[1]
