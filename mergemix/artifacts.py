@@ -55,9 +55,16 @@ def read_json(path: str | Path) -> Any:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it: a line is either wholly in the log or not at all."""
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    """Append one JSON line and fsync it. A torn last line left by a killed writer is cut off first, so a
+    line is either wholly in the log or not at all."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    with open(path, "ab+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":  # only after a crash: find the end of the last whole line
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

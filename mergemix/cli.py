@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML file")
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_bytes=1e6")
+                       help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_chars=1000000")
         if name == "propose":
             s.add_argument("--json", action="store_true", help="print proposal.json instead of the table")
     return p

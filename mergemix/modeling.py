@@ -31,18 +31,23 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_base(path: str | Path, spec: BaseSpec | None = None) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode, tokenizer) from a local checkpoint directory. Never downloads."""
-    _quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = spec or BaseSpec()
+def check_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MergemixError(
             f"base.path: {path} is not a Hugging Face model directory (no config.json); give a local "
             "checkpoint directory, or leave base.path empty to build the demo base"
         )
+    return path
+
+
+def load_base(path: str | Path, spec: BaseSpec | None = None) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) from a local checkpoint directory. Never downloads."""
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or BaseSpec()
+    path = check_checkpoint_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mergemix.artifacts import stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
@@ -22,7 +23,7 @@ from mergemix.evaluate import Evaluator, read_benchmarks
 from mergemix.experts import Expert, general_probs, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
-from mergemix.modeling import build_demo_base, fingerprint, load_base
+from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base
 from mergemix.proposal import Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial, run_search
@@ -76,8 +77,11 @@ def _setup(recipe: Recipe) -> Workspace:
 def prepare_base_and_data(ws: Workspace) -> None:
     """Read and split the domains, get the base (local or demo, built once), pack every domain."""
     r = ws.recipe
+    if r.base.path:
+        check_checkpoint_dir(r.base.path)  # before minutes of reading data
     with ws.timings.stage("data"):
-        ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir) for d in r.data.domains}
+        ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir)
+                   for d in tqdm(r.data.domains, desc="read domains", leave=False)}
         ws.benchmark_data = read_benchmarks(r, ws.cache_dir)
     with ws.timings.stage("base"):
         if r.base.path:

@@ -72,8 +72,8 @@ class DomainSpec(_Model):
         "auto", description="reader; `auto` picks it from the file suffix"
     )
     text_field: str = Field("text", description="field holding the text in jsonl/json/parquet/saved datasets")
-    max_bytes: int | None = Field(
-        None, gt=0, description="use at most this many bytes of text (documents in a seeded random order)"
+    max_chars: int | None = Field(
+        None, gt=0, description="use at most this many characters of text (documents in a seeded random order)"
     )
     available_tokens: int | None = Field(
         None,
@@ -400,7 +400,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def _list_index(node: list[Any], part: str, where: str) -> int:
-    """A list element by position or by its `name`, so `data.domains.code.max_bytes=1e6` works."""
+    """A list element by position or by its `name`, so `data.domains.code.max_chars=1000000` works."""
     if part.lstrip("-").isdigit():
         idx = int(part)
         if not -len(node) <= idx < len(node):

@@ -83,3 +83,18 @@ def test_pack_blocks_and_cache(micro_data: dict[str, Any], tmp_path: Path) -> No
         assert packed.blocks[pool].shape[1] == 16
         assert (packed.blocks[pool] == again.blocks[pool]).all()
     assert packed.n_tokens == again.n_tokens > 0
+
+
+def test_jsonl_log_cuts_a_torn_line_before_appending(tmp_path: Path) -> None:
+    from mergemix.artifacts import append_jsonl, read_jsonl
+
+    log = tmp_path / "t.jsonl"
+    append_jsonl(log, {"a": 1})
+    with open(log, "a") as f:
+        f.write('{"a": 2, "b"')  # a writer killed mid-line
+    assert read_jsonl(log) == [{"a": 1}]
+    append_jsonl(log, {"a": 3})
+    assert read_jsonl(log) == [{"a": 1}, {"a": 3}]
+    log.write_text('{"torn": ')
+    append_jsonl(log, {"a": 4})
+    assert read_jsonl(log) == [{"a": 4}]

@@ -67,3 +67,44 @@ def test_same_recipe_and_seed_give_the_same_proposal(micro_recipe_file: Path, tm
         propose(load_recipe(path))
         outputs.append((tmp_path / f"run{i}" / "proposal.json").read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_killed_search_resumes_from_the_trial_log(micro_recipe_file: Path) -> None:
+    recipe = load_recipe(micro_recipe_file)
+    first = propose(recipe)
+    log = recipe.resolved_run_dir() / "trials.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    # a run killed after six trials, in the middle of writing the seventh
+    log.write_text("".join(lines[:6]) + lines[6][:40])
+    assert propose(recipe) == first
+    trials = read_jsonl(log)
+    assert len(trials) == len(lines)
+    assert [t["alpha"] for t in trials[:6]] == [json.loads(x)["alpha"] for x in lines[:6]]
+
+
+def test_a_local_hugging_face_checkpoint_as_base(micro_recipe_file: Path, tiny_lm: tuple[Any, Any],
+                                                 tmp_path: Path) -> None:
+    from mergemix.modeling import save_checkpoint_dir
+
+    model, tok = tiny_lm
+    save_checkpoint_dir(model, tok, tmp_path / "hf-base")
+    raw = yaml.safe_load(micro_recipe_file.read_text())
+    raw["base"] = {"path": str(tmp_path / "hf-base")}
+    raw["data"]["split"] = {"heldout": 0.15, "base": 0.0}  # nothing is pre-trained here
+    raw["data"]["seq_len"] = 16
+    micro_recipe_file.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(micro_recipe_file)
+    proposal = propose(recipe)
+    assert sum(proposal.alpha_star.values()) == pytest.approx(1.0, abs=1e-5)
+    manifest = json.loads((recipe.resolved_run_dir() / "experts" / "math" / "manifest.json").read_text())
+    from mergemix.modeling import fingerprint
+
+    assert manifest["base_hash"] == fingerprint(tmp_path / "hf-base")
+    assert not (tmp_path / "cache" / "bases").exists()  # no demo base was built
+
+
+def test_a_directory_that_is_no_checkpoint_is_explained(micro_recipe_file: Path, tmp_path: Path) -> None:
+    from mergemix import MergemixError
+
+    with pytest.raises(MergemixError, match=r"base.path: .* is not a Hugging Face model directory"):
+        propose(load_recipe(micro_recipe_file, [f"base.path={tmp_path}"]))

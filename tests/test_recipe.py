@@ -63,17 +63,17 @@ def test_list_fields_are_named_by_position(micro_recipe_file: Path) -> None:
 
 
 def test_overrides_by_dotted_path_and_by_name(micro_recipe_file: Path) -> None:
-    r = load_recipe(micro_recipe_file, ["experts.steps=50", "search.seeds=20", "data.domains.code.max_bytes=1000"])
+    r = load_recipe(micro_recipe_file, ["experts.steps=50", "search.seeds=20", "data.domains.code.max_chars=1000"])
     assert r.experts.steps == 50 and r.search.seeds == 20
-    assert r.data.domains[2].name == "code" and r.data.domains[2].max_bytes == 1000
+    assert r.data.domains[2].name == "code" and r.data.domains[2].max_chars == 1000
 
 
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
         ("experts.steps", "expected dotted.key=value"),
-        ("data.domains.nope.max_bytes=3", "no item named 'nope'"),
-        ("data.domains.9.max_bytes=3", "index 9 out of range"),
+        ("data.domains.nope.max_chars=3", "no item named 'nope'"),
+        ("data.domains.9.max_chars=3", "index 9 out of range"),
         ("search.seeds=2", "search.seeds must be at least 5"),
         ("experts.tokens=100", "set experts.steps or experts.tokens, not both"),
         ("merge.method=tiez", "unknown merge method 'tiez'"),

@@ -93,13 +93,13 @@ def load_domain(spec: DomainSpec, split: SplitSpec, seed: int, cache_dir: Path) 
     texts, dropped = dedupe_paragraphs(texts)
     if dropped:
         log.info("domain %s: dropped %d duplicate paragraphs", spec.name, dropped)
-    if spec.max_bytes is not None:
+    if spec.max_chars is not None:
         random.Random(seed).shuffle(texts)
         kept, total = [], 0
         for t in texts:
-            if total >= spec.max_bytes:
+            if total >= spec.max_chars:
                 break
-            kept.append(t[: spec.max_bytes - total])
+            kept.append(t[: spec.max_chars - total])
             total += len(kept[-1])
         texts = kept
     if not texts:
