@@ -63,11 +63,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nwrote {recipe.resolved_run_dir() / 'proposal.json'} in {time.perf_counter() - start:.0f} s")
         return 0
     except MergemixError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Clear bars a failed stage left on the terminal, so the message starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm's registry of live bars
+        bar.close()
 
 
 if __name__ == "__main__":
