@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mergemix.artifacts import stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
-from mergemix.evaluate import Evaluator, read_benchmarks
+from mergemix.evaluate import Evaluator, Objective, read_benchmarks
 from mergemix.experts import Expert, general_probs, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
@@ -138,7 +138,7 @@ def propose(recipe: Recipe) -> Proposal:
             return evaluator(ws.model)
 
         eval_key = stable_hash([[e.key for e in ws.experts], recipe.evaluation.model_dump(mode="json"),
-                                recipe.merge.method, recipe.data.seq_len])
+                                recipe.merge.method, recipe.data.seq_len, Objective.VERSION])
         prior = np.array(general_probs(ws.blocks, names))
         result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key)
         merger.restore()

@@ -73,8 +73,8 @@ class Proposal(_Frozen):
             lines.append(f"{label:<22}{sc.objective:>10.3f}"
                          + "".join(f"{sc.capabilities[g]:>{w}.3f}" for g, w in zip(groups, widths, strict=True)))
         if self.proposal.predicted is not None:
-            lines.append(f"(surrogate predicted {self.proposal.predicted:.3f} for the proposal; objective: base = 0, "
-                         "best single expert = 1 per benchmark)")
+            lines.append(f"(surrogate predicted {self.proposal.predicted:.3f} for the proposal. Scores: base = 0; "
+                         "one unit = the spread of base and experts on a benchmark; higher is better)")
         return "\n".join(lines)
 
     def signal_table(self) -> str:

@@ -85,7 +85,7 @@ def test_perplexity_is_mean_token_loss(tiny_lm: tuple[Any, Any], tmp_path: Path)
     assert result["loss_se"] > 0 and result["n"] == 5
 
 
-def test_objective_normalizes_base_to_zero_and_best_expert_to_one() -> None:
+def test_objective_normalizes_by_the_spread_of_base_and_experts() -> None:
     spec = EvalSpec(
         benchmarks=[
             BenchmarkSpec(name="ppl", kind="perplexity", domain="d", capability="a"),
@@ -95,11 +95,19 @@ def test_objective_normalizes_base_to_zero_and_best_expert_to_one() -> None:
     )
     base = {"ppl": {"loss": 4.0}, "mc": {"acc": 0.3, "chance": 0.25}}
     experts = [{"ppl": {"loss": 3.0}, "mc": {"acc": 0.5, "chance": 0.25}},
-               {"ppl": {"loss": 3.5}, "mc": {"acc": 0.25, "chance": 0.25}}]
+               {"ppl": {"loss": 4.5}, "mc": {"acc": 0.25, "chance": 0.25}}]
     obj = Objective.from_references(spec, base, experts)
     norm, caps, value = obj(base)
     assert norm["ppl"] == pytest.approx(0.0) and norm["mc"] == pytest.approx((0.3 - 0.25) / 0.75)
     norm, caps, value = obj(experts[0])
-    assert norm["ppl"] == pytest.approx(1.0)  # the best expert on loss
-    assert caps == {"a": pytest.approx(1.0), "b": pytest.approx(1 / 3)}
-    assert value == pytest.approx((3 * 1.0 + 1 / 3) / 4)
+    assert norm["ppl"] == pytest.approx(1.0 / 1.5)  # loss 1.0 below the base; spread 4.5 - 3.0
+    assert caps == {"a": pytest.approx(1 / 1.5), "b": pytest.approx(1 / 3)}
+    assert value == pytest.approx((3 / 1.5 + 1 / 3) / 4)
+
+
+def test_objective_keeps_its_sign_when_every_expert_is_worse_than_the_base() -> None:
+    spec = EvalSpec(benchmarks=[BenchmarkSpec(name="ppl", kind="perplexity", domain="d")])
+    base = {"ppl": {"loss": 4.0}}
+    obj = Objective.from_references(spec, base, [{"ppl": {"loss": 4.2}}, {"ppl": {"loss": 5.0}}])
+    assert obj({"ppl": {"loss": 3.9}})[2] == pytest.approx(0.1)  # better than the base: positive
+    assert obj({"ppl": {"loss": 5.0}})[2] == pytest.approx(-1.0)

@@ -2,8 +2,10 @@
 
 Normalization puts every benchmark on the same footing, higher is better:
 - accuracy metrics (acc, acc_norm): chance → 0, perfect → 1;
-- continuous metrics (loss, score): the base model → 0, the best single expert → 1. A merge at 1.0 is as
-  good on that benchmark as the best specialist; above 1 it beats every specialist.
+- continuous metrics (loss, score): the base model → 0, and one unit is the spread of the metric over the
+  base and the experts (max − min). +0.5 means "better than the base by half of what separates the base
+  and the specialists". The spread is positive even where every expert is worse than the base (short
+  specialists forget), which a "best expert → 1" scale would turn upside down.
 A capability's score is the mean over its benchmarks; the objective is the weighted mean over capabilities.
 """
 
@@ -23,6 +25,8 @@ CHANCE_METRICS = {"acc", "acc_norm"}
 class Objective:
     """Normalization references (per benchmark: value mapped to 0, value mapped to 1) and weights."""
 
+    VERSION = 2  # part of the trial log's key: logged normalized scores are stale when this changes
+
     spec: EvalSpec
     refs: dict[str, tuple[float, float]]
 
@@ -35,9 +39,9 @@ class Objective:
                 refs[b.name] = (base[b.name]["chance"], 1.0)
             else:
                 sign = 1.0 if BENCHMARKS.get(b.kind).higher_is_better[m] else -1.0
-                lo = sign * base[b.name][m]
-                hi = max(sign * e[b.name][m] for e in experts)
-                refs[b.name] = (lo, hi)
+                values = [sign * r[b.name][m] for r in (base, *experts)]
+                lo = values[0]
+                refs[b.name] = (lo, lo + max(values) - min(values))
         return cls(spec, refs)
 
     def oriented(self, bench: str, raw: Raw) -> float:
@@ -50,7 +54,7 @@ class Objective:
         out = {}
         for b in self.spec.benchmarks:
             lo, hi = self.refs[b.name]
-            span = hi - lo if abs(hi - lo) > 1e-9 else 1.0  # no expert moved it: report the raw gain
+            span = hi - lo if abs(hi - lo) > 1e-9 else 1.0  # nothing moved it: report the raw gain
             out[b.name] = (self.oriented(b.name, raw) - lo) / span
         return out
 
