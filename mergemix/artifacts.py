@@ -16,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mergemix.errors import MergemixError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -30,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
@@ -77,10 +83,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return []
     records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 break
-            records.append(json.loads(line))
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MergemixError(f"{path}:{lineno}: corrupt line ({e.msg}); delete that line to re-run it") from None
     return records
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults from the environment
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "datasets", "transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         proposal = propose(recipe)
         if args.json:
-            print(json.dumps(proposal.model_dump(mode="json"), indent=2))
+            print(json.dumps(proposal.model_dump(mode="json"), indent=2, sort_keys=True))
         else:
             print()
             print("Benchmark signal (base and experts):")

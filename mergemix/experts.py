@@ -38,12 +38,20 @@ class Expert:
 
 
 def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], domain: str) -> str:
-    """Hash of everything an expert depends on. Replay mixes all domains in, so their hashes count too."""
+    """Hash of everything an expert's weights depend on. Replay mixes all domains in, so their hashes count
+    too. How the budget was written (steps or tokens) and checkpoint_every do not change the result."""
     spec = recipe.experts
     data = [blocks[domain].content_hash] + (
         [blocks[d].content_hash for d in sorted(blocks)] if spec.replay > 0 else []
     )
-    return stable_hash([base_hash, data, spec.model_dump(mode="json"), recipe.data.seq_len, recipe.seed, domain])
+    training = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every"})
+    return stable_hash([base_hash, data, training, spec.num_steps(recipe.data.seq_len), recipe.data.seq_len,
+                        _seed(recipe.seed, domain), domain])
+
+
+def _seed(seed: int, domain: str) -> int:
+    """Sampling seed of one expert: from its name, so adding or reordering domains leaves the others alone."""
+    return int(stable_hash([seed, domain]), 16) % 2**31
 
 
 def general_probs(blocks: dict[str, DomainBlocks], names: list[str]) -> tuple[float, ...]:
@@ -64,11 +72,12 @@ def train_experts(
     names = recipe.domain_names
     steps = spec.num_steps(recipe.data.seq_len)
     own_rows = spec.batch_size - round(spec.replay * spec.batch_size)
-    pools = tuple(blocks[n].blocks["expert"] for n in names)
-    probs = general_probs(blocks, names)
+    general = sorted(names)  # the replay mix, in an order that does not depend on the recipe's
+    pools = tuple(blocks[n].blocks["expert"] for n in general)
+    probs = general_probs(blocks, general)
     accelerator = make_accelerator(recipe.device)
     experts = []
-    for i, name in enumerate(names):
+    for name in names:
         out = run_dir / "experts" / name
         key = expert_key(recipe, base_hash, blocks, name)
         manifest_path = out / MANIFEST
@@ -79,8 +88,9 @@ def train_experts(
                 experts.append(Expert(name, out, key, manifest))
                 continue
         out.mkdir(parents=True, exist_ok=True)
+        manifest_path.unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
         model = copy.deepcopy(base)
-        sampler = Sampler(pools, probs, spec.batch_size, seed=recipe.seed * 1000 + i + 1,
+        sampler = Sampler(pools, probs, spec.batch_size, seed=_seed(recipe.seed, name),
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
         cfg = TrainConfig(steps=steps, lr=spec.lr, warmup_steps=spec.warmup_steps, schedule="constant",
                           weight_decay=spec.weight_decay, betas=spec.betas, checkpoint_every=spec.checkpoint_every)

@@ -53,25 +53,42 @@ def load_base(path: str | Path, spec: BaseSpec | None = None) -> tuple[torch.nn.
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, local_files_only=True
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError, KeyError) as e:
         raise MergemixError(f"base.path: cannot load {path}: {e}") from None
+    if tok.eos_token_id is None:  # documents are packed with EOS between them
+        sep = tok.sep_token or tok.bos_token
+        if sep is None:
+            raise MergemixError(f"base.path: the tokenizer in {path} has no eos, sep or bos token to separate "
+                                "documents; set eos_token in its tokenizer_config.json")
+        tok.eos_token = sep
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()
     return model, tok
 
 
-def fingerprint(path: str | Path) -> str:
-    """Cheap identity of a checkpoint directory: config plus weight files' names and sizes.
+def max_positions(model: torch.nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
-    Hashing the bytes of a multi-GB checkpoint would take minutes; a changed checkpoint changes its size or
-    its config in practice, and the demo base's directory name already carries its content hash.
+
+def fingerprint(path: str | Path) -> str:
+    """Identity of a checkpoint directory without reading all of it: its config, and for every weight file
+    its name, size and sampled bytes (the first, middle and last MiB).
+
+    Hashing every byte of a multi-GB checkpoint would take minutes; a same-size fine-tune of the same
+    architecture still differs in the sampled bytes (a safetensors header alone would not tell).
     """
     path = Path(path)
     h = Hasher().update((path / "config.json").read_text(encoding="utf-8"))
+    chunk = 1 << 20
     for f in sorted(path.iterdir()):
         if f.suffix in WEIGHT_SUFFIXES:
-            h.update(f"{f.name}:{f.stat().st_size}")
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}")
+            with open(f, "rb") as fh:
+                for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+                    fh.seek(offset)
+                    h.update(fh.read(chunk))
     return h.hexdigest()
 
 

@@ -6,6 +6,7 @@ data → base → packed blocks → experts → in-place merger → search → m
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +20,12 @@ from tqdm.auto import tqdm
 
 from mergemix.artifacts import stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
-from mergemix.evaluate import Evaluator, Objective, read_benchmarks
+from mergemix.errors import MergemixError
+from mergemix.evaluate import Evaluator, read_benchmarks
 from mergemix.experts import Expert, general_probs, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
-from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base
+from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
 from mergemix.proposal import Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial, run_search
@@ -57,6 +59,7 @@ class Workspace:
     timings: Timings
     docs: dict[str, DomainDocs] = field(default_factory=dict)
     base_path: Path | None = None
+    base_hash: str = ""
     model: torch.nn.Module | None = None
     tokenizer: object = None
     blocks: dict[str, DomainBlocks] = field(default_factory=dict)
@@ -80,9 +83,9 @@ def prepare_base_and_data(ws: Workspace) -> None:
     if r.base.path:
         check_checkpoint_dir(r.base.path)  # before minutes of reading data
     with ws.timings.stage("data"):
+        ws.benchmark_data = read_benchmarks(r, ws.cache_dir)  # small files: fail fast
         ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir)
                    for d in tqdm(r.data.domains, desc="read domains", leave=False)}
-        ws.benchmark_data = read_benchmarks(r, ws.cache_dir)
     with ws.timings.stage("base"):
         if r.base.path:
             ws.base_path = Path(r.base.path)
@@ -90,10 +93,26 @@ def prepare_base_and_data(ws: Workspace) -> None:
             pools = {n: d.pools["base"] for n, d in ws.docs.items()}
             ws.base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, ws.cache_dir, r.device)
         ws.model, ws.tokenizer = load_base(ws.base_path, r.base)
+        limit = max_positions(ws.model)
+        if limit is not None and r.data.seq_len > limit:
+            raise MergemixError(f"data.seq_len: {r.data.seq_len} is longer than the base's context of {limit} "
+                                "tokens; lower data.seq_len")
+        ws.base_hash = stable_hash([fingerprint(ws.base_path), r.base.dtype])
         if r.device == "auto" and torch.cuda.is_available():
             ws.model.to("cuda")
     with ws.timings.stage("pack"):
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
+
+
+def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
+    """What raw trial scores depend on: experts, merge method, and each benchmark's data and scoring
+    fields. Objective weights, capability groups and metric choice are left out: they are recomputed from
+    the raw scores, so re-weighting an objective re-uses every merge already scored."""
+    benches = [
+        [b.name, b.kind, b.domain, b.text_field, b.max_items, stable_hash(ws.benchmark_data[b.name])]
+        for b in recipe.evaluation.benchmarks
+    ]
+    return stable_hash([[e.key for e in ws.experts], recipe.merge.method, recipe.data.seq_len, benches])
 
 
 def _signal(result: SearchResult, recipe: Recipe) -> list[Signal]:
@@ -121,12 +140,14 @@ def _scored(t: Trial, predicted: float | None = None) -> Scored:
 def propose(recipe: Recipe) -> Proposal:
     """Run the MergeMix pipeline for `recipe` and return the proposal (also written to proposal.json in
     the run directory). Stages whose inputs are unchanged are reused; a killed run resumes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MergemixError("run mergemix as a single process: a multi-GPU launch (accelerate launch, torchrun) "
+                            "is not supported yet; one GPU is used when present")
     ws = _setup(recipe)
     prepare_base_and_data(ws)
     assert ws.model is not None and ws.base_path is not None
     with ws.timings.stage("experts"):
-        base_hash = fingerprint(ws.base_path)
-        ws.experts = train_experts(recipe, ws.model, base_hash, ws.blocks, ws.run_dir)
+        ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                               ws.cache_dir, ws.benchmark_data)
@@ -137,8 +158,7 @@ def propose(recipe: Recipe) -> Proposal:
             merger.apply([alpha[d] for d in names])
             return evaluator(ws.model)
 
-        eval_key = stable_hash([[e.key for e in ws.experts], recipe.evaluation.model_dump(mode="json"),
-                                recipe.merge.method, recipe.data.seq_len, Objective.VERSION])
+        eval_key = evaluation_key(recipe, ws)
         prior = np.array(general_probs(ws.blocks, names))
         result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key)
         merger.restore()

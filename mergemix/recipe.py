@@ -1,7 +1,7 @@
 """The recipe: one YAML file, validated by pydantic, that says everything a run does.
 
-Models are frozen and reject unknown keys. Field descriptions double as help text (`mergemix validate
---help-fields`). Errors are reported as `FILE: dotted.field: what is wrong, got VALUE`.
+Models are frozen and reject unknown keys. Field descriptions are the reference for every option.
+Errors are reported as `FILE: dotted.field: what is wrong, got VALUE`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergemix.errors import MergemixError
 from mergemix.registry import Registry
+
+# Names become directory names and dotted override keys: no dots, no slashes.
+NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
 
 
 class _Model(BaseModel):
@@ -70,7 +73,7 @@ class BaseSpec(_Model):
 class DomainSpec(_Model):
     """One training domain: an expert is trained on it and the proposal gives its share."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="domain name (letters, digits, _ . -)")
+    name: str = Field(..., pattern=NAME, description="domain name (letters, digits, _ -)")
     source: str = Field(
         ...,
         description="built-in corpus `builtin:NAME`, or a path/glob: .jsonl/.json/.parquet/.txt/.md files "
@@ -95,7 +98,9 @@ class SplitSpec(_Model):
     """How each domain's documents are divided (at random, per document)."""
 
     heldout: float = Field(0.1, gt=0, lt=1, description="share kept out of all training, for held-out loss")
-    base: float = Field(0.5, ge=0, lt=1, description="share used only to pre-train the demo base")
+    base: float = Field(
+        0.5, ge=0, lt=1, description="share used only to pre-train the demo base (default 0 when base.path is set)"
+    )
 
     @model_validator(mode="after")
     def _sum(self) -> SplitSpec:
@@ -166,7 +171,7 @@ class BenchmarkSpec(_Model):
     """A scored task. Kinds: `perplexity` (held-out loss on text; lower is better) and `multiple_choice`
     (jsonl lines with `question`, `choices`, `answer` index, scored by log-likelihood)."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="benchmark name")
+    name: str = Field(..., pattern=NAME, description="benchmark name (letters, digits, _ -)")
     kind: str = Field(..., description="benchmark kind: perplexity | multiple_choice")
     path: str | None = Field(
         None, description="data file (jsonl/json/parquet/text) or `builtin:NAME`; for perplexity, "
@@ -291,13 +296,15 @@ class MixtureSpec(_Model):
 class Recipe(_Model):
     """A mergemix run: base, domains, experts, benchmarks, search, mixture."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="run name; the run lives in runs/NAME")
+    name: str = Field(..., pattern=NAME, description="run name; the run lives in runs/NAME")
     seed: int = Field(0, description="seed of every random choice (splits, sampling, init, search)")
     run_dir: str | None = Field(None, description="run directory (default runs/NAME)")
     cache_dir: str | None = Field(
         None, description="cache for tokenized data and built bases (default $MERGEMIX_CACHE or ~/.cache/mergemix)"
     )
-    device: Literal["auto", "cpu"] = Field("auto", description="auto: accelerate picks GPU(s) when present")
+    device: Literal["auto", "cpu"] = Field(
+        "auto", description="auto: the GPU when one is present (one process; multi-GPU launch is not supported yet)"
+    )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice)")
     base: BaseSpec = Field(default_factory=BaseSpec, description="the shared base checkpoint")
     data: DataSpec
@@ -307,8 +314,23 @@ class Recipe(_Model):
     search: SearchSpec = Field(default_factory=SearchSpec, description="how alpha is searched")
     mixture: MixtureSpec = Field(default_factory=MixtureSpec, description="alpha* to tokens and epochs")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _split_default(cls, raw: Any) -> Any:
+        """With a checkpoint given nothing is pre-trained here, so no data is set aside for it by default."""
+        if isinstance(raw, dict) and isinstance(raw.get("base"), dict) and raw["base"].get("path"):
+            data = raw.get("data")
+            if isinstance(data, dict):
+                split = data.get("split") or {}
+                if isinstance(split, dict) and "base" not in split:
+                    raw = {**raw, "data": {**data, "split": {**split, "base": 0.0}}}
+        return raw
+
     @model_validator(mode="after")
     def _cross(self) -> Recipe:
+        if not self.base.path and self.data.split.base == 0:
+            raise ValueError("data.split.base is 0, but the demo base (no base.path) is pre-trained on that share; "
+                             "give base.path or a base share > 0")
         names = {d.name for d in self.data.domains}
         if self.search.seeds < len(names) + 2:
             raise ValueError(

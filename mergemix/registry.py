@@ -39,9 +39,6 @@ class Registry(Generic[T]):
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown {self.what} {name!r} (known: {', '.join(sorted(self._items))}){hint}"
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

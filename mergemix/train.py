@@ -137,6 +137,8 @@ def train(
                 with atomic_path(checkpoint) as tmp:
                     torch.save(state, tmp)
             accelerator.wait_for_everyone()
+    accelerator.free_memory()  # prepare() keeps references: without this every expert stays in memory
+    del pmodel, opt
     model.eval()
     return losses
 

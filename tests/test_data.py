@@ -98,3 +98,19 @@ def test_jsonl_log_cuts_a_torn_line_before_appending(tmp_path: Path) -> None:
     log.write_text('{"torn": ')
     append_jsonl(log, {"a": 4})
     assert read_jsonl(log) == [{"a": 4}]
+
+
+def test_undecodable_and_corrupt_files_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(MergemixError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        read_texts(str(bad), "auto", "text", tmp_path)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(MergemixError, match=r"broken.parquet: not a readable parquet file"):
+        read_texts(str(broken), "auto", "text", tmp_path)
+
+
+def test_a_glob_can_name_saved_datasets(micro_data: dict[str, Any], tmp_path: Path) -> None:
+    pattern = str(Path(micro_data["sources"]["facts"]).parent / "facts_*")
+    assert len(read_texts(pattern, "auto", "text", tmp_path)) == 300

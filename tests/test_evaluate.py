@@ -24,12 +24,12 @@ def _mc_file(tmp_path: Path, lines: list[Any]) -> Path:
 
 
 def _direct_logprob(model: torch.nn.Module, tok: Any, context: str, option: str) -> tuple[float, int]:
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    opt = tok(" " + option, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ctx + opt])
+    """One sequence at a time: the option is what `context + " " + option` has beyond the context's tokens."""
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+    whole = tok(f"{context} {option}", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
-    return sum(lp[len(ctx) - 1 + i, t].item() for i, t in enumerate(opt)), len(opt)
+        lp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0], -1)
+    return sum(lp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))), len(whole) - n_ctx
 
 
 def test_multiple_choice_matches_unbatched_scoring(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from mergemix import Proposal, load_recipe, propose
-from mergemix.artifacts import read_jsonl
+from mergemix.artifacts import read_jsonl, stable_hash
+from mergemix.modeling import fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -97,9 +98,7 @@ def test_a_local_hugging_face_checkpoint_as_base(micro_recipe_file: Path, tiny_l
     proposal = propose(recipe)
     assert sum(proposal.alpha_star.values()) == pytest.approx(1.0, abs=1e-5)
     manifest = json.loads((recipe.resolved_run_dir() / "experts" / "math" / "manifest.json").read_text())
-    from mergemix.modeling import fingerprint
-
-    assert manifest["base_hash"] == fingerprint(tmp_path / "hf-base")
+    assert manifest["base_hash"] == stable_hash([fingerprint(tmp_path / "hf-base"), "float32"])
     assert not (tmp_path / "cache" / "bases").exists()  # no demo base was built
 
 
@@ -108,3 +107,45 @@ def test_a_directory_that_is_no_checkpoint_is_explained(micro_recipe_file: Path,
 
     with pytest.raises(MergemixError, match=r"base.path: .* is not a Hugging Face model directory"):
         propose(load_recipe(micro_recipe_file, [f"base.path={tmp_path}"]))
+
+
+def test_fingerprint_tells_same_shape_checkpoints_apart(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    import copy
+
+    import torch
+
+    from mergemix.modeling import save_checkpoint_dir
+
+    model, tok = tiny_lm
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    save_checkpoint_dir(model, tok, tmp_path / "a")
+    save_checkpoint_dir(other, tok, tmp_path / "b")
+    save_checkpoint_dir(model, tok, tmp_path / "c")
+    assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "b")
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "c")
+
+
+def test_reweighting_the_objective_reuses_every_merge(micro_recipe_file: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergemix.evaluate import Evaluator
+
+    first = propose(load_recipe(micro_recipe_file))
+    log = load_recipe(micro_recipe_file).resolved_run_dir() / "trials.jsonl"
+    n_first = len(read_jsonl(log))
+
+    calls = []
+    score = Evaluator.__call__
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, model: calls.append(1) or score(self, model))
+    second = propose(load_recipe(micro_recipe_file, ["evaluation.weights.coding=0"]))
+
+    # the base and the 8 seeds come from the log; only verification candidates new to this objective
+    # (at most search.verify = 2) are merged and scored
+    assert len(calls) <= 2
+    assert second.baselines["uniform"].capabilities == first.baselines["uniform"].capabilities
+    assert second.baselines["uniform"].objective == pytest.approx(first.baselines["uniform"].capabilities["math"])
+    # each reused trial is logged again with the new objective; the last line per mixture counts
+    trials = read_jsonl(log)
+    assert len(trials) >= n_first + 9
+    assert {t["objective_key"] for t in trials[n_first:]} != {t["objective_key"] for t in trials[:n_first]}

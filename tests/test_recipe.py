@@ -107,3 +107,21 @@ def test_token_budget_becomes_steps(micro_recipe_file: Path) -> None:
     r = load_recipe(micro_recipe_file, ["experts.steps=null", "experts.tokens=1000"])
     # 1000 tokens / (8 sequences x 32 tokens) = 3.9 → 4 steps
     assert r.experts.num_steps(r.data.seq_len) == 4
+
+
+def test_names_cannot_escape_the_run_directory(micro_recipe_file: Path) -> None:
+    for bad in ("..", ".", "a.b", "a/b"):
+        with pytest.raises(MergemixError, match=r"data.domains\[0\].name"):
+            load_recipe(micro_recipe_file, [f"data.domains.0.name={bad}"])
+
+
+def test_base_share_defaults_to_zero_with_a_checkpoint(micro_recipe_file: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load(micro_recipe_file.read_text())
+    del raw["data"]["split"]["base"]
+    raw["base"] = {"path": str(tmp_path)}
+    assert recipe_from_dict(raw).data.split.base == 0.0
+    del raw["base"]
+    assert recipe_from_dict(raw).data.split.base == 0.5
+    raw["data"]["split"]["base"] = 0
+    with pytest.raises(MergemixError, match="data.split.base is 0, but the demo base"):
+        recipe_from_dict(raw)

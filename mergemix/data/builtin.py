@@ -21,6 +21,7 @@ a training text. Each corpus is written once as jsonl into the cache and then re
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import json
@@ -124,6 +125,7 @@ def _split_module(source: str) -> tuple[str, list[str]]:
     return code, docs
 
 
+@functools.cache  # every module is read by the overlap check and again by its corpus
 def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 

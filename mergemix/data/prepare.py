@@ -37,10 +37,6 @@ class DomainDocs:
     pools: dict[str, list[str]]
     content_hash: str
 
-    @property
-    def n_chars(self) -> int:
-        return sum(len(t) for texts in self.pools.values() for t in texts)
-
 
 @dataclass(frozen=True)
 class DomainBlocks:

@@ -25,7 +25,8 @@ def resolve_paths(source: str, cache_dir: Path) -> list[Path]:
 
         return [materialize(source.removeprefix("builtin:"), cache_dir)]
     if any(c in source for c in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        paths = sorted(Path(p) for p in glob.glob(source, recursive=True)
+                       if Path(p).is_file() or _is_saved_dataset(Path(p)))
         if not paths:
             raise MergemixError(f"{source}: the glob matches no file")
         return paths
@@ -58,8 +59,12 @@ def detect_format(path: Path, fmt: str) -> str:
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-empty line of a jsonl file; bad JSON names its line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MergemixError(f"{path}:{lineno}: not valid UTF-8; re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -88,9 +93,14 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
             for i, rec in enumerate(data):
                 yield f"{path}[{i}]", rec
         elif fmt == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except pa.ArrowException as e:
+                raise MergemixError(f"{path}: not a readable parquet file ({e})") from None
+            for i, rec in enumerate(rows):
                 yield f"{path}[{i}]", rec
         elif fmt == "saved":
             yield from _read_saved(path)
@@ -100,6 +110,8 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
             raise MergemixError(f"{path}: unknown format {fmt!r}")
     except OSError as e:
         raise MergemixError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise MergemixError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None
 
 
 def _read_saved(path: Path) -> Iterator[tuple[str, Any]]:

@@ -102,6 +102,9 @@ class Perplexity(Benchmark):
         if spec.max_items is not None and len(blocks) > spec.max_items:
             idx = sorted(random.Random(ctx.seed).sample(range(len(blocks)), spec.max_items))
             blocks = blocks[idx]
+        if len(blocks) < 2:
+            raise MergemixError(f"has {len(blocks)} block of {ctx.seq_len} tokens; at least 2 are needed to "
+                                "estimate the noise of the score: add text or lower data.seq_len")
         self.blocks = blocks
 
     @torch.no_grad()
@@ -119,8 +122,8 @@ class Perplexity(Benchmark):
 
 @dataclass(frozen=True)
 class MCItem:
-    context: list[int]
-    options: list[list[int]]
+    sequences: list[list[int]]  # question + option, tokenized whole, one per option
+    option_tokens: list[int]  # how many trailing tokens of each sequence are the option
     option_chars: list[int]
     answer: int
 
@@ -144,8 +147,8 @@ def load_mc_items(path: str, cache_dir: Path) -> list[tuple[str, str, list[str],
             if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
                 raise MergemixError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
             items.append((where, q, choices, answer))
-    if not items:
-        raise MergemixError(f"{path}: no multiple-choice items")
+    if len(items) < 2:
+        raise MergemixError(f"{path}: {len(items)} multiple-choice items; at least 2 are needed")
     return items
 
 
@@ -172,17 +175,24 @@ class MultipleChoice(Benchmark):
         raw = data
         if spec.max_items is not None and len(raw) > spec.max_items:
             raw = random.Random(ctx.seed).sample(raw, spec.max_items)
-        tok = ctx.tokenizer
-        self.items = [
-            MCItem(
-                context=tok(q, add_special_tokens=False)["input_ids"],  # type: ignore[operator]
-                options=[tok(" " + c, add_special_tokens=False)["input_ids"] for c in choices],  # type: ignore[operator]
-                option_chars=[len(c) for c in choices],
-                answer=answer,
-            )
-            for _, q, choices, answer in raw
-        ]
-        self.chance = sum(1 / len(it.options) for it in self.items) / len(self.items)
+        self.items = [self._tokenize(q, choices, answer) for _, q, choices, answer in raw]
+        self.chance = sum(1 / len(it.sequences) for it in self.items) / len(self.items)
+
+    def _tokenize(self, question: str, choices: list[str], answer: int) -> MCItem:
+        """Each option is scored inside the tokenization of the whole text `question + " " + option`; its
+        tokens are those beyond the question's own token count (lm-eval's rule). Tokenizing an option on
+        its own would add a word-start marker for SentencePiece models."""
+        def ids(text: str) -> list[int]:
+            return self.ctx.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+
+        n_context = len(ids(question))
+        sequences = [ids(f"{question} {c}") for c in choices]
+        return MCItem(
+            sequences=sequences,
+            option_tokens=[max(1, len(seq) - n_context) for seq in sequences],
+            option_chars=[len(c) for c in choices],
+            answer=answer,
+        )
 
     @torch.no_grad()
     def _option_logprobs(self, model: torch.nn.Module) -> list[list[tuple[float, int]]]:
@@ -190,11 +200,11 @@ class MultipleChoice(Benchmark):
         max_len = getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
         requests = []
         for i, it in enumerate(self.items):
-            for j, opt in enumerate(it.options):
-                ids = (it.context + opt)[-max_len:]
-                requests.append((i, j, ids, min(len(opt), len(ids) - 1)))
+            for j, (seq, n) in enumerate(zip(it.sequences, it.option_tokens, strict=True)):
+                ids = seq[-max_len:]
+                requests.append((i, j, ids, min(n, len(ids) - 1)))
         requests.sort(key=lambda r: -len(r[2]))
-        out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(it.options) for it in self.items]
+        out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(it.sequences) for it in self.items]
         dev = _device(model)
         bs = self.ctx.batch_size
         for b in range(0, len(requests), bs):

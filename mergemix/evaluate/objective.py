@@ -15,10 +15,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mergemix.evaluate.kinds import BENCHMARKS
-from mergemix.recipe import EvalSpec
+from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 Raw = Mapping[str, Mapping[str, float]]  # benchmark → metric → value
 CHANCE_METRICS = {"acc", "acc_norm"}
+
+
+def _oriented(b: BenchmarkSpec, raw: Raw) -> float:
+    """The benchmark's objective metric with its sign set so that higher is better."""
+    m = b.objective_metric
+    return (1.0 if BENCHMARKS.get(b.kind).higher_is_better[m] else -1.0) * raw[b.name][m]
 
 
 @dataclass(frozen=True)
@@ -38,17 +44,12 @@ class Objective:
             if m in CHANCE_METRICS:
                 refs[b.name] = (base[b.name]["chance"], 1.0)
             else:
-                sign = 1.0 if BENCHMARKS.get(b.kind).higher_is_better[m] else -1.0
-                values = [sign * r[b.name][m] for r in (base, *experts)]
-                lo = values[0]
-                refs[b.name] = (lo, lo + max(values) - min(values))
+                values = [_oriented(b, r) for r in (base, *experts)]
+                refs[b.name] = (values[0], values[0] + max(values) - min(values))
         return cls(spec, refs)
 
     def oriented(self, bench: str, raw: Raw) -> float:
-        b = next(x for x in self.spec.benchmarks if x.name == bench)
-        m = b.objective_metric
-        sign = 1.0 if BENCHMARKS.get(b.kind).higher_is_better[m] else -1.0
-        return sign * raw[bench][m]
+        return _oriented(next(x for x in self.spec.benchmarks if x.name == bench), raw)
 
     def normalized(self, raw: Raw) -> dict[str, float]:
         out = {}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from mergemix.artifacts import stable_hash
 from mergemix.evaluate import Objective
 from mergemix.recipe import Recipe
 from mergemix.search.seeds import seed_points, simplex_candidates
@@ -77,6 +78,10 @@ def run_search(
     spec = recipe.search
     domains = recipe.domain_names
     trial_log = TrialLog(log_path, eval_key)
+    # Derived scores depend on the objective's definition too: a trial scored under another one is re-used
+    # (no merge, no evaluation) and logged again with its scores recomputed.
+    objective_key = stable_hash([recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+                                 Objective.VERSION])
     pending: list[Trial] = []
 
     def run(tid: str, kind: str, alpha: dict[str, float]) -> Trial:
@@ -87,8 +92,9 @@ def run_search(
 
     def finish(trial: Trial, objective: Objective) -> Trial:
         trial.normalized, trial.capabilities, trial.objective = objective(trial.raw)
-        if trial_log.get(trial.alpha) is None:
-            trial_log.add(trial.record())
+        logged = trial_log.get(trial.alpha)
+        if logged is None or logged.get("objective_key") != objective_key:
+            trial_log.add({**trial.record(), "objective_key": objective_key})
         return trial
 
     seeds = seed_points(prior, spec.seeds, spec.concentration, recipe.seed)
@@ -123,7 +129,7 @@ def run_search(
         preds = {g: predictors[g](points) for g in groups}
         return np.array([objective.combine({g: preds[g][i] for g in groups}) for i in range(len(points))])
 
-    cand = np.vstack([simplex_candidates(prior, spec.candidates, spec.concentration, recipe.seed), x])
+    cand = simplex_candidates(prior, spec.candidates, spec.concentration, recipe.seed)
     pred = predict(cand)
     # The best predicted points, at least 0.05 apart (L1) from each other and from every seed.
     chosen: list[np.ndarray] = []

@@ -16,7 +16,8 @@ def alpha_key(alpha: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
 
 class TrialLog:
     """Trials of one evaluation setting (`eval_key`: experts, benchmarks, merge method); lines written under
-    another setting stay in the file but are not reused."""
+    another setting stay in the file but are not reused. Where one mixture was logged more than once (its
+    scores recomputed for a changed objective), the last line counts."""
 
     def __init__(self, path: Path, eval_key: str) -> None:
         self.path = path
@@ -33,6 +34,3 @@ class TrialLog:
         record = {**record, "eval_key": self.eval_key}
         append_jsonl(self.path, record)
         self._by_alpha[alpha_key(record["alpha"])] = record
-
-    def __len__(self) -> int:
-        return len(self._by_alpha)
