@@ -88,6 +88,7 @@ def _distinctive_lines(files: list[Path]) -> dict[Path, set[str]]:
     return {p: {line for line in s if counts[line] < 3} for p, s in lines.items()}
 
 
+@functools.lru_cache(maxsize=1)  # shared by the code and prose corpora
 def _training_files() -> list[Path]:
     """Modules for code and prose: not held out, and sharing no distinctive line with a held-out module
     (the standard library carries a few copied docstrings and vendored duplicates)."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mergemix.data.prepare import pack_texts
 from mergemix.data.readers import read_records, read_texts, resolve_paths
 from mergemix.errors import MergemixError
+from mergemix.modeling import max_positions
 from mergemix.recipe import BenchmarkSpec
 from mergemix.registry import Registry
 
@@ -154,7 +155,7 @@ def load_mc_items(path: str, cache_dir: Path) -> list[tuple[str, str, list[str],
 
 @BENCHMARKS.register("multiple_choice")
 class MultipleChoice(Benchmark):
-    """Each option is scored by the log-likelihood of ' ' + option after the question.
+    """Each option is scored by the log-likelihood of its tokens in `question + " " + option`.
 
     acc: the option with the highest total log-likelihood is right. acc_norm: the same, divided by the
     option's length in characters (as lm-eval). score: mean log-probability per token of the correct
@@ -197,7 +198,7 @@ class MultipleChoice(Benchmark):
     @torch.no_grad()
     def _option_logprobs(self, model: torch.nn.Module) -> list[list[tuple[float, int]]]:
         """(sum of log-probs, token count) of every option of every item, in length-sorted batches."""
-        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
+        max_len = max_positions(model) or 2048
         requests = []
         for i, it in enumerate(self.items):
             for j, (seq, n) in enumerate(zip(it.sequences, it.option_tokens, strict=True)):
