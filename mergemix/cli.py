@@ -21,13 +21,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("propose", "train experts, search mixtures, write proposal.json"),
-                        ("validate", "check a recipe and print it with every default filled in")):
+                        ("validate", "check a recipe and print it with every default filled in"),
+                        ("report", "train real models on a few mixtures and show how well the merged proxy ranks "
+                                   "them: report/index.html, report.md, consistency.json")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML file")
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_chars=1000000")
-        if name == "propose":
-            s.add_argument("--json", action="store_true", help="print proposal.json instead of the table")
+        if name in ("propose", "report"):
+            s.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     return p
 
 
@@ -51,9 +53,17 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_recipe(recipe), end="")
             print(f"# {args.recipe}: valid", file=sys.stderr)
             return 0
+        start = time.perf_counter()
+        if args.command == "report":
+            from mergemix.report import rank_consistency
+
+            result = rank_consistency(recipe)
+            print(json.dumps(result.data, indent=2, sort_keys=True) if args.json else f"\n{result.summary()}")
+            print(f"\nwrote {recipe.resolved_run_dir() / 'report' / 'index.html'} in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr if args.json else sys.stdout)
+            return 0
         from mergemix.pipeline import propose
 
-        start = time.perf_counter()
         proposal = propose(recipe)
         if args.json:
             print(json.dumps(proposal.model_dump(mode="json"), indent=2, sort_keys=True))

@@ -104,15 +104,20 @@ def prepare_base_and_data(ws: Workspace) -> None:
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
 
 
-def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
-    """What raw trial scores depend on: experts, merge method, and each benchmark's data and scoring
-    fields. Objective weights, capability groups and metric choice are left out: they are recomputed from
-    the raw scores, so re-weighting an objective re-uses every merge already scored."""
+def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
+    """What a model's raw scores depend on besides the model: each benchmark's data and scoring fields.
+    Objective weights, capability groups and metric choice are left out: they are recomputed from the raw
+    scores, so re-weighting an objective re-uses every evaluation already made."""
     benches = [
         [b.name, b.kind, b.domain, b.text_field, b.max_items, stable_hash(ws.benchmark_data[b.name])]
         for b in recipe.evaluation.benchmarks
     ]
-    return stable_hash([[e.key for e in ws.experts], recipe.merge.method, recipe.data.seq_len, benches])
+    return stable_hash([recipe.data.seq_len, benches])
+
+
+def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
+    """What raw trial scores depend on: the experts, the merge method and the benchmarks."""
+    return stable_hash([[e.key for e in ws.experts], recipe.merge.method, benchmark_key(recipe, ws)])
 
 
 def _signal(result: SearchResult, recipe: Recipe) -> list[Signal]:
@@ -137,14 +142,36 @@ def _scored(t: Trial, predicted: float | None = None) -> Scored:
                   predicted=None if predicted is None else round(predicted, 6))
 
 
+@dataclass
+class Proposed:
+    """What `run_proposal` leaves in memory for later stages (the report): the model is the base again."""
+
+    proposal: Proposal
+    search: SearchResult
+    evaluator: Evaluator
+    merger: InPlaceMerger
+
+
 def propose(recipe: Recipe) -> Proposal:
     """Run the MergeMix pipeline for `recipe` and return the proposal (also written to proposal.json in
     the run directory). Stages whose inputs are unchanged are reused; a killed run resumes."""
+    ws = start(recipe)
+    return run_proposal(ws).proposal
+
+
+def start(recipe: Recipe) -> Workspace:
+    """Set up the run directory and bring base, data and benchmarks into memory."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MergemixError("run mergemix as a single process: a multi-GPU launch (accelerate launch, torchrun) "
                             "is not supported yet; one GPU is used when present")
     ws = _setup(recipe)
     prepare_base_and_data(ws)
+    return ws
+
+
+def run_proposal(ws: Workspace) -> Proposed:
+    """Experts → search → mixture → proposal.json, on a workspace from `start`."""
+    recipe = ws.recipe
     assert ws.model is not None and ws.base_path is not None
     with ws.timings.stage("experts"):
         ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
@@ -191,4 +218,4 @@ def propose(recipe: Recipe) -> Proposal:
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
     log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
-    return proposal
+    return Proposed(proposal, result, evaluator, merger)

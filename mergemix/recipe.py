@@ -293,6 +293,45 @@ class MixtureSpec(_Model):
     )
 
 
+class ReportSpec(_Model):
+    """Rank consistency: real models trained on a few mixtures, ranked by the merged proxy and by the truth."""
+
+    mixtures: int = Field(
+        12, ge=4, description="mixtures trained for real: the proposal, uniform, token-proportional, the `include` "
+        "list, then points spread over the simplex (greedy max-min distance among Dirichlet(1) draws)"
+    )
+    include: list[dict[str, float]] = Field(
+        default_factory=list, description="mixtures of your own to train (domain -> weight, normalized to sum 1)"
+    )
+    seeds: int = Field(
+        2, ge=1, le=5, description="trainings per mixture with different seeds; with 2 or more, the agreement "
+        "between seeds is the noise ceiling: the best rank correlation any proxy could reach"
+    )
+    steps: int | None = Field(None, gt=0, description="optimizer steps per mixture run (default 2 x the experts')")
+    tokens: int | None = Field(None, gt=0, description="token budget per mixture run (alternative to steps)")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for the 95% intervals of rho and tau")
+    interference_batches: int = Field(
+        2, ge=0, description="batches (of experts.batch_size blocks) per domain for the Hessian-vector-product "
+        "interference estimate; 0 skips it"
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> ReportSpec:
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("set report.steps or report.tokens, not both")
+        for i, mix in enumerate(self.include):
+            if not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+                raise ValueError(f"include[{i}]: weights must be >= 0 with a positive sum, got {mix}")
+        return self
+
+    def num_steps(self, experts: ExpertSpec, seq_len: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return math.ceil(self.tokens / (experts.batch_size * seq_len))
+        return 2 * experts.num_steps(seq_len)
+
+
 class Recipe(_Model):
     """A mergemix run: base, domains, experts, benchmarks, search, mixture."""
 
@@ -313,6 +352,7 @@ class Recipe(_Model):
     evaluation: EvalSpec
     search: SearchSpec = Field(default_factory=SearchSpec, description="how alpha is searched")
     mixture: MixtureSpec = Field(default_factory=MixtureSpec, description="alpha* to tokens and epochs")
+    report: ReportSpec = Field(default_factory=ReportSpec, description="rank-consistency report (mergemix report)")
 
     @model_validator(mode="before")
     @classmethod
@@ -340,6 +380,14 @@ class Recipe(_Model):
         for b in self.evaluation.benchmarks:
             if b.domain is not None and b.domain not in names:
                 raise ValueError(f"benchmark {b.name!r} scores unknown domain {b.domain!r}")
+        for i, mix in enumerate(self.report.include):
+            unknown = sorted(set(mix) - names)
+            if unknown:
+                raise ValueError(f"report.include[{i}]: unknown domain {', '.join(unknown)} (domains: "
+                                 f"{', '.join(sorted(names))})")
+        if len(self.report.include) + 3 > self.report.mixtures:
+            raise ValueError(f"report.mixtures ({self.report.mixtures}) must leave room for the proposal, uniform, "
+                             f"token-proportional and the {len(self.report.include)} included mixtures")
         return self
 
     @property

@@ -1,0 +1,6 @@
+"""Rank-consistency report: real mixture runs against the merged proxy, beside the noise ceiling and
+predictors that need no merge (`mergemix report RECIPE`)."""
+
+from mergemix.report.consistency import Consistency, rank_consistency
+
+__all__ = ["Consistency", "rank_consistency"]

@@ -1,0 +1,271 @@
+"""`rank_consistency`: does the merged proxy rank real mixtures the way real training does?
+
+proposal (reused) → mixtures → merged proxies → real mixture runs (× seeds) → interference diagnostics
+→ agreement of every predictor with the truth, per target → report/ (index.html, report.md,
+consistency.json). Every finished piece is on disk, so a killed report resumes where it stopped.
+
+Yardsticks, because a ρ alone means little:
+- the noise ceiling: ρ between two trainings of the same mixtures with different seeds (with more seeds,
+  the mean over pairs). A proxy at the ceiling ranks as well as a second real training would;
+- predictors that need no merge: closeness to the token-proportional mixture (−KL), a log prior
+  Σ_d w_d log(α_d + 0.01) weighted by the benchmarks that score a domain's own held-out text (uniform
+  weights where none does), and the linear interpolation of the experts' own scores Σ_d α_d·score(expert_d),
+  with the partial correlation of the merge and the truth given that interpolation (what merging adds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mergemix.artifacts import read_json, stable_hash, write_json
+from mergemix.experts import general_probs
+from mergemix.modeling import param_count
+from mergemix.pipeline import Proposed, Workspace, benchmark_key, evaluation_key, run_proposal, start
+from mergemix.recipe import Recipe
+from mergemix.report.compute import accounting, tokens_per_evaluation
+from mergemix.report.interference import dominance_warnings, interference_gamma, task_vector_cosines
+from mergemix.report.metrics import agreement, partial_spearman, spearman
+from mergemix.report.mixtures import Mixture, choose_mixtures, mixture_run, run_key
+from mergemix.report.targets import Target, targets
+from mergemix.search.trials import TrialLog
+
+log = logging.getLogger(__name__)
+
+LOW_CEILING = 0.5  # below this seed-to-seed ρ a target cannot rank mixtures, whatever the proxy
+PRIOR_EPS = 0.01
+
+
+@dataclass
+class Consistency:
+    """Everything the report shows; `data` is what consistency.json holds."""
+
+    data: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The agreement table, one line per target: merge ρ [95% over mixtures], ceiling, no-model ρs."""
+        lines = [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'ceiling':>9}{'interp':>8}"
+                 f"{'tok-KL':>8}{'log-prior':>10}{'partial':>9}"]
+        for name, t in self.data["targets"].items():
+            m = t["merge"]
+            ci = m["spearman_ci_mixtures"]
+            lines.append(
+                f"{name:<28}{_f(m['spearman']):>10}{f'[{_f(ci[0])}, {_f(ci[1])}]':>17}{_f(t['ceiling']):>9}"
+                f"{_f(t['interpolation']['spearman']):>8}{_f(t['token_closeness']['spearman']):>8}"
+                f"{_f(t['log_prior']['spearman']):>10}{_f(t['partial_merge_given_interpolation']):>9}"
+            )
+        real = self.data["trained_for_real"]
+        lines.append("")
+        lines.append("trained for real (objective, mean over seeds): " + ", ".join(
+            f"{k} {_f(v['mean'], 3)}" for k, v in real.items()))
+        c = self.data["compute"]
+        lines.append(f"compute: mixture runs used {c['mixture_over_proposal']:.1f}x the FLOPs of the proposal "
+                     f"({c['mixture_flops']:.3g} vs {c['proposal_flops']:.3g})")
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def rank_consistency(recipe: Recipe) -> Consistency:
+    """Build the rank-consistency report of `recipe` in <run_dir>/report and return its numbers. Runs (or
+    reuses) the proposal first, then trains `report.mixtures` × `report.seeds` real models."""
+    from mergemix.report.render import write_report
+
+    ws = start(recipe)
+    proposed = run_proposal(ws)
+    assert ws.model is not None
+    report_dir = ws.run_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    names = recipe.domain_names
+    prior = general_probs(ws.blocks, names)
+    mixtures = choose_mixtures(recipe, prior, proposed.proposal.alpha_star)
+    with ws.timings.stage("proxies"):
+        proxies = _proxies(ws, proposed, mixtures)
+    with ws.timings.stage("mixture runs"):
+        runs = _truth(ws, proposed, mixtures)
+    with ws.timings.stage("interference"):
+        interference = _interference(ws, proposed)
+    objective = proposed.search.objective
+    vertices = [t for t in proposed.search.trials if t.kind == "vertex"]
+    expert_raw = {d: t.raw for d, t in zip(names, vertices, strict=True)}
+    data: dict[str, Any] = {
+        "domains": names,
+        "settings": {
+            "mixtures": len(mixtures), "seeds": recipe.report.seeds,
+            "mixture_steps": recipe.report.num_steps(recipe.experts, recipe.data.seq_len),
+            "expert_steps": recipe.experts.num_steps(recipe.data.seq_len), "replay": recipe.experts.replay,
+            "bootstrap": recipe.report.bootstrap,
+        },
+        "proposal": proposed.proposal.alpha_star,
+    }
+    warnings: list[str] = []
+    data["mixtures"], data["targets"] = _agreements(recipe, objective, mixtures, proxies, runs, expert_raw, prior,
+                                                    warnings)
+    data["trained_for_real"] = {
+        m["label"]: {"mean": m["truth"]["objective"], "seeds": [s["objective"] for s in m["truth_seeds"]]}
+        for m in data["mixtures"] if m["label"] in ("proposal", "uniform", "token_prior")
+    }
+    data["interference"] = interference
+    if interference.get("gamma"):
+        warnings += dominance_warnings(np.array(interference["gamma"]), names, np.array(interference["cosine"]))
+    data["compute"] = _compute(ws, proposed, runs)
+    data["warnings"] = warnings
+    result = Consistency(data, warnings)
+    with ws.timings.stage("render"):
+        write_report(result, report_dir)
+    write_json(report_dir / "timings.json", ws.timings.stages)
+    return result
+
+
+def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[dict[str, Any]]:
+    """Raw scores of the merged proxy at every mixture, logged in report/proxies.jsonl."""
+    names = ws.recipe.domain_names
+    trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws.recipe, ws))
+    out = []
+    for m in tqdm(mixtures, desc="merged proxies", leave=False):
+        rec = trial_log.get(m.alpha)
+        if rec is None:
+            proposed.merger.apply([m.alpha[d] for d in names])
+            rec = {"label": m.label, "alpha": m.alpha, "raw": proposed.evaluator(ws.model)}
+            trial_log.add(rec)
+        out.append(rec["raw"])
+    proposed.merger.restore()
+    return out
+
+
+def _truth(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[list[dict[str, Any]]]:
+    """Records of the real mixture runs, [mixture][seed]; seed by seed, so a report stopped half-way
+    already holds one training of every mixture."""
+    r = ws.recipe
+    assert ws.model is not None
+    bench_key = benchmark_key(r, ws)
+    jobs = [(i, s) for s in range(r.report.seeds) for i in range(len(mixtures))]
+    keys = {(i, s): run_key(r, ws.base_hash, ws.blocks, mixtures[i].alpha, s, bench_key) for i, s in jobs}
+    out_dir = ws.run_dir / "report" / "runs"
+    done = sum((out_dir / f"{k}.json").exists() for k in keys.values())
+    log.info("mixture runs: %d of %d already done", done, len(jobs))
+    runs: list[list[dict[str, Any]]] = [[{} for _ in range(r.report.seeds)] for _ in mixtures]
+    for i, s in tqdm(jobs, desc="mixture runs", initial=0, leave=False):
+        runs[i][s] = mixture_run(r, ws.model, ws.blocks, mixtures[i], s, keys[i, s], out_dir, proposed.evaluator)
+    return runs
+
+
+def _interference(ws: Workspace, proposed: Proposed) -> dict[str, Any]:
+    """Task-vector cosines and the curvature interference γ at the base, cached in report/interference.json."""
+    r = ws.recipe
+    assert ws.model is not None
+    n_rows = r.report.interference_batches * r.experts.batch_size
+    key = stable_hash([[e.key for e in ws.experts], n_rows, r.seed])
+    path = ws.run_dir / "report" / "interference.json"
+    if path.exists() and read_json(path).get("key") == key:
+        return read_json(path)
+    base = {n: t.clone() for n, t in proposed.merger.base.items()}
+    cosines = task_vector_cosines(base, [e.state() for e in ws.experts])
+    out: dict[str, Any] = {"key": key, "cosine": np.round(cosines, 4).tolist()}
+    if n_rows:
+        rng = np.random.default_rng([r.seed, 9])
+        batches = []
+        for d in r.domain_names:
+            pool = ws.blocks[d].blocks["expert"]
+            idx = np.sort(rng.choice(len(pool), size=min(n_rows, len(pool)), replace=False))
+            batches.append(pool[torch.as_tensor(idx)])
+        gamma = interference_gamma(ws.model, batches, batch_size=r.experts.batch_size,
+                                   max_batches=r.report.interference_batches)
+        out["gamma"] = np.round(gamma.gamma, 4).tolist()
+        out["grad_norm"] = np.round(gamma.grad_norms, 6).tolist()
+        out["tokens"] = int(sum(b.numel() for b in batches))
+    write_json(path, out)
+    return out
+
+
+def _prior_weights(recipe: Recipe, target: Target) -> tuple[list[float], str]:
+    """Domain weights of the log prior: the target's weight on benchmarks that score a domain's own
+    held-out text; uniform where the target names no domain."""
+    names = recipe.domain_names
+    w = dict.fromkeys(names, 0.0)
+    for b in recipe.evaluation.benchmarks:
+        if b.domain is not None and b.name in target.coef:
+            w[b.domain] += target.coef[b.name]
+    if sum(w.values()) <= 0:
+        return [1.0] * len(names), "uniform (no benchmark of this target scores a domain)"
+    return [w[d] for d in names], "benchmarks that score a domain's held-out text"
+
+
+def _agreements(recipe: Recipe, objective: Any, mixtures: list[Mixture], proxies: list[dict[str, Any]],
+                runs: list[list[dict[str, Any]]], expert_raw: dict[str, Any], prior: tuple[float, ...],
+                warnings: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    names = recipe.domain_names
+    alphas = np.array([[m.alpha[d] for d in names] for m in mixtures])
+    prior_v = np.asarray(prior)
+    rows: list[dict[str, Any]] = [
+        {"label": m.label, "alpha": m.alpha, "proxy": {}, "proxy_se": {}, "truth": {}, "truth_se": {},
+         "truth_seeds": [{} for _ in range(recipe.report.seeds)], "interpolation": {}}
+        for m in mixtures
+    ]
+    per_target: dict[str, Any] = {}
+    n_boot, seed = recipe.report.bootstrap, recipe.seed
+    for t in targets(objective):
+        proxy = np.array([t.value(objective, raw) for raw in proxies])
+        proxy_se = np.array([t.se(objective, raw) for raw in proxies])
+        seeds = np.array([[t.value(objective, run["raw"]) for run in mix_runs] for mix_runs in runs])  # (M, S)
+        seeds_se = np.array([[t.se(objective, run["raw"]) for run in mix_runs] for mix_runs in runs])
+        truth = seeds.mean(axis=1)
+        truth_se = np.sqrt((seeds_se**2).sum(axis=1)) / seeds.shape[1]
+        interp = alphas @ np.array([t.value(objective, expert_raw[d]) for d in names])
+        weights, prior_basis = _prior_weights(recipe, t)
+        predictors = {
+            "merge": (proxy, proxy_se),
+            "interpolation": (interp, None),
+            "token_closeness": (-(prior_v * np.log(prior_v / (alphas + 1e-12))).sum(axis=1), None),
+            "log_prior": (np.log(alphas + PRIOR_EPS) @ np.asarray(weights), None),
+        }
+        entry: dict[str, Any] = {
+            name: agreement(p, truth, se, truth_se if se is not None else None, n_boot, seed)
+            for name, (p, se) in predictors.items()
+        }
+        pairs = [(a, b) for a in range(seeds.shape[1]) for b in range(a + 1, seeds.shape[1])]
+        ceiling = float(np.mean([spearman(seeds[:, a], seeds[:, b]) for a, b in pairs])) if pairs else float("nan")
+        entry["ceiling"] = ceiling if math.isfinite(ceiling) else None
+        entry["merge"]["spearman_one_seed"] = float(np.mean([spearman(proxy, seeds[:, s])
+                                                             for s in range(seeds.shape[1])]))
+        entry["partial_merge_given_interpolation"] = partial_spearman(proxy, truth, interp)
+        entry["log_prior_basis"] = prior_basis
+        per_target[t.name] = entry
+        if pairs and not ceiling >= LOW_CEILING:
+            warnings.append(f"{t.name}: two trainings of the same mixtures agree only with rho {_f(ceiling)}; "
+                            "this target is too noisy to rank mixtures at this scale (more items, a continuous "
+                            "metric, or longer mixture runs)")
+        for i, row in enumerate(rows):
+            row["proxy"][t.name] = round(float(proxy[i]), 6)
+            row["proxy_se"][t.name] = round(float(proxy_se[i]), 6)
+            row["truth"][t.name] = round(float(truth[i]), 6)
+            row["truth_se"][t.name] = round(float(truth_se[i]), 6)
+            row["interpolation"][t.name] = round(float(interp[i]), 6)
+            for s in range(seeds.shape[1]):
+                row["truth_seeds"][s][t.name] = round(float(seeds[i, s]), 6)
+    merge, interp = per_target["objective"]["merge"], per_target["objective"]["interpolation"]
+    if (merge["spearman"] or 0) < (interp["spearman"] or 0):
+        warnings.append(f"objective: interpolating the experts' own scores ranks the real mixtures better "
+                        f"(rho {_f(interp['spearman'])}) than merging them ({_f(merge['spearman'])})")
+    return rows, per_target
+
+
+def _compute(ws: Workspace, proposed: Proposed, runs: list[list[dict[str, Any]]]) -> dict[str, float]:
+    assert ws.model is not None
+    return accounting(
+        n_params=param_count(ws.model),
+        expert_tokens=sum(int(e.manifest["tokens"]) for e in ws.experts),
+        proposal_evaluations=proposed.proposal.n_trials,
+        mixture_tokens=sum(int(run["tokens"]) for mix_runs in runs for run in mix_runs),
+        mixture_evaluations=sum(len(mix_runs) for mix_runs in runs),
+        eval_tokens=tokens_per_evaluation(ws.model, proposed.evaluator),
+    )

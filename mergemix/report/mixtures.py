@@ -1,0 +1,118 @@
+"""The report's ground truth: which mixtures to train for real, and one real model per mixture and seed.
+
+A mixture run trains a copy of the base on the domains' expert pools (the text the experts saw and the
+base did not), sampled in proportion to α, with the experts' optimizer. Its scores are saved under
+`report/runs/<key>.json`, where the key hashes every input (base, data, α, seed, budget, benchmarks), so
+a rerun reuses every finished run, and a killed one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergemix.artifacts import read_json, stable_hash, write_json
+from mergemix.data.prepare import DomainBlocks
+from mergemix.recipe import Recipe
+from mergemix.search.trials import alpha_key
+from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
+
+log = logging.getLogger(__name__)
+
+SPREAD_POOL = 4000  # Dirichlet(1) draws the spread points are picked from
+
+
+@dataclass(frozen=True)
+class Mixture:
+    label: str  # proposal, uniform, token_prior, include-N or spread-N
+    alpha: dict[str, float]
+
+
+def _alpha(names: Sequence[str], vec: Sequence[float]) -> dict[str, float]:
+    v = np.clip(np.asarray(vec, dtype=float), 0, None)
+    return {d: round(float(a), 6) for d, a in zip(names, v / v.sum(), strict=True)}
+
+
+def choose_mixtures(recipe: Recipe, prior: Sequence[float], star: dict[str, float]) -> list[Mixture]:
+    """The proposal, uniform, token-proportional and the user's mixtures, then points spread over the
+    simplex: each next one is the Dirichlet(1) draw farthest from every mixture already chosen."""
+    names = recipe.domain_names
+    k = len(names)
+    fixed = [("proposal", [star[d] for d in names]), ("uniform", [1 / k] * k), ("token_prior", list(prior))]
+    fixed += [(f"include-{i}", [mix.get(d, 0.0) for d in names]) for i, mix in enumerate(recipe.report.include)]
+    chosen: list[Mixture] = []
+    for label, vec in fixed:
+        mix = Mixture(label, _alpha(names, vec))
+        twin = next((m for m in chosen if alpha_key(m.alpha) == alpha_key(mix.alpha)), None)
+        if twin is None:
+            chosen.append(mix)
+        else:
+            log.info("mixture %s equals %s; trained once", label, twin.label)
+    pool = np.random.default_rng([recipe.seed, 4]).dirichlet(np.ones(k), size=SPREAD_POOL)
+    points = np.array([[m.alpha[d] for d in names] for m in chosen])
+    dist = np.min(np.linalg.norm(pool[:, None, :] - points[None], axis=-1), axis=1)
+    while len(chosen) < recipe.report.mixtures:
+        i = int(np.argmax(dist))
+        chosen.append(Mixture(f"spread-{len(chosen)}", _alpha(names, pool[i])))
+        dist = np.minimum(dist, np.linalg.norm(pool - pool[i], axis=1))
+    return chosen
+
+
+def run_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], alpha: dict[str, float],
+            seed_index: int, bench_key: str) -> str:
+    """Hash of everything a mixture run's scores depend on."""
+    e = recipe.experts
+    training = [e.batch_size, e.lr, e.warmup_steps, e.weight_decay, list(e.betas),
+                recipe.report.num_steps(e, recipe.data.seq_len), recipe.data.seq_len]
+    data = [blocks[d].content_hash for d in recipe.domain_names]
+    return stable_hash([base_hash, data, alpha_key(alpha), recipe.seed, seed_index, training, bench_key])
+
+
+def mixture_run(
+    recipe: Recipe,
+    base: torch.nn.Module,
+    blocks: dict[str, DomainBlocks],
+    mixture: Mixture,
+    seed_index: int,
+    key: str,
+    out_dir: Path,
+    evaluate: Callable[[torch.nn.Module], dict[str, dict[str, float]]],
+) -> dict[str, Any]:
+    """Train (or reuse) one real model on `mixture` with seed number `seed_index`; return its record:
+    raw scores, tokens trained, final training loss."""
+    path = out_dir / f"{key}.json"
+    if path.exists():
+        return read_json(path)
+    names = recipe.domain_names
+    e = recipe.experts
+    steps = recipe.report.num_steps(e, recipe.data.seq_len)
+    model = copy.deepcopy(base)
+    sampler = Sampler(tuple(blocks[d].blocks["expert"] for d in names), tuple(mixture.alpha[d] for d in names),
+                      e.batch_size, seed=int(stable_hash([recipe.seed, "mixture", seed_index]), 16) % 2**31)
+    cfg = TrainConfig(steps=steps, lr=e.lr, warmup_steps=e.warmup_steps, schedule="constant",
+                      weight_decay=e.weight_decay, betas=e.betas, checkpoint_every=e.checkpoint_every)
+    checkpoint = out_dir / f"{key}.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"{mixture.label} seed {seed_index}",
+                   accelerator=make_accelerator(recipe.device))
+    record = {
+        "key": key,
+        "label": mixture.label,
+        "alpha": mixture.alpha,
+        "seed_index": seed_index,
+        "steps": steps,
+        "tokens": steps * e.batch_size * recipe.data.seq_len,
+        "final_loss": round(float(np.mean(losses[-10:])), 5),
+        "raw": evaluate(model),
+    }
+    write_json(path, record)
+    remove_checkpoint(checkpoint)
+    del model
+    return record

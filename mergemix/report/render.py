@@ -1,0 +1,250 @@
+"""Write the report: consistency.json (every number), report.md (the tables), figures/*.png, and
+index.html — one self-contained page (figures embedded as data URIs) that opens without a server."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mergemix.artifacts import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:
+    from mergemix.report.consistency import Consistency
+
+PREDICTORS = {
+    "merge": "merged proxy",
+    "interpolation": "interpolation of the experts' scores",
+    "token_closeness": "closeness to token-proportional",
+    "log_prior": "log prior",
+}
+HIGHLIGHT = {"proposal": "tab:red", "uniform": "tab:green", "token_prior": "tab:orange"}
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _ci(ci: list[float | None] | None) -> str:
+    return "" if not ci or ci[0] is None else f"[{_f(ci[0])}, {_f(ci[1])}]"
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def agreement_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["target", "merge ρ", "95% over mixtures", "95% over items", "merge τ", "top-25% ρ", "pairwise acc",
+            "recovery", "noise ceiling", "interpolation ρ", "token-KL ρ", "log-prior ρ", "partial ρ | interp",
+            "argmax true rank", "regret"]
+    rows = []
+    for name, t in data["targets"].items():
+        m = t["merge"]
+        rows.append([
+            name, _f(m["spearman"]), _ci(m["spearman_ci_mixtures"]), _ci(m.get("spearman_ci_items")),
+            _f(m["kendall"]), _f(m["top25_spearman"]), _f(m["pairwise_accuracy"]), _f(m["recovery"]),
+            _f(t["ceiling"]), _f(t["interpolation"]["spearman"]), _f(t["token_closeness"]["spearman"]),
+            _f(t["log_prior"]["spearman"]), _f(t["partial_merge_given_interpolation"]),
+            f"{m['true_rank']} of {len(data['mixtures'])}", _f(m["regret"], 3),
+        ])
+    return head, rows
+
+
+def rank_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    mixtures = data["mixtures"]
+    proxy = np.array([m["proxy"]["objective"] for m in mixtures])
+    truth = np.array([m["truth"]["objective"] for m in mixtures])
+    proxy_rank = np.argsort(np.argsort(-proxy)) + 1
+    true_rank = np.argsort(np.argsort(-truth)) + 1
+    head = ["mixture", *data["domains"], "proxy objective", "proxy rank", "real objective (± se)", "real rank",
+            "interpolation"]
+    rows = []
+    for i in np.argsort(true_rank):
+        m = mixtures[i]
+        rows.append([m["label"], *(f"{m['alpha'][d]:.3f}" for d in data["domains"]), _f(m["proxy"]["objective"], 3),
+                     str(proxy_rank[i]), f"{_f(m['truth']['objective'], 3)} ± {_f(m['truth_se']['objective'], 3)}",
+                     str(true_rank[i]), _f(m["interpolation"]["objective"], 3)])
+    return head, rows
+
+
+def compute_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    c = data["compute"]
+    return ["", "tokens trained", "evaluations", "FLOPs"], [
+        ["proposal (experts + merged proxies)", f"{c['proposal_train_tokens']:,}", str(c["proposal_evaluations"]),
+         f"{c['proposal_flops']:.3g}"],
+        ["report (real mixture runs)", f"{c['mixture_train_tokens']:,}", str(c["mixture_evaluations"]),
+         f"{c['mixture_flops']:.3g}"],
+        ["ratio", "", "", f"{c['mixture_over_proposal']:.1f}x"],
+    ]
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], rows: list[list[str]], table_id: str) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _scatter(data: dict[str, Any]) -> bytes:
+    """Proxy vs real score per mixture, one panel for the objective and one per capability."""
+    import matplotlib.pyplot as plt
+
+    names = [n for n in data["targets"] if not n.startswith("benchmark:")]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for m in data["mixtures"]:
+            seeds = [s[name] for s in m["truth_seeds"]]
+            color = HIGHLIGHT.get(m["label"], "tab:blue")
+            ax.errorbar(m["proxy"][name], m["truth"][name], xerr=m["proxy_se"][name],
+                        yerr=[[m["truth"][name] - min(seeds)], [max(seeds) - m["truth"][name]]],
+                        fmt="o", color=color, ms=5, capsize=2, lw=0.8)
+            if m["label"] in HIGHLIGHT:
+                ax.annotate(m["label"], (m["proxy"][name], m["truth"][name]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+        t = data["targets"][name]
+        ax.set_title(f"{name}\nρ = {_f(t['merge']['spearman'])} (ceiling {_f(t['ceiling'])})", fontsize=9)
+        ax.set_xlabel("merged proxy")
+        ax.set_ylabel("trained for real (seed range)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _predictors(data: dict[str, Any]) -> bytes:
+    """ρ of every predictor on the objective with its 95% interval over mixtures, and the noise ceiling."""
+    import matplotlib.pyplot as plt
+
+    t = data["targets"]["objective"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    labels, values, lo, hi = [], [], [], []
+    for key, label in PREDICTORS.items():
+        a = t[key]
+        v = a["spearman"] if a["spearman"] is not None else 0.0
+        ci = a["spearman_ci_mixtures"]
+        labels.append(label)
+        values.append(v)
+        lo.append(v - ci[0] if ci[0] is not None else 0.0)
+        hi.append(ci[1] - v if ci[1] is not None else 0.0)
+    ax.barh(labels, values, xerr=[lo, hi], color=["tab:blue", "tab:gray", "tab:gray", "tab:gray"], capsize=3)
+    if t["ceiling"] is not None:
+        ax.axvline(t["ceiling"], color="k", ls="--", lw=1, label=f"noise ceiling {t['ceiling']:.2f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Spearman ρ with the real mixture runs (objective)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _interference(data: dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    inter, names = data["interference"], data["domains"]
+    panels = [("task-vector cosine", inter["cosine"], "coolwarm", (-1, 1))]
+    if inter.get("gamma"):
+        g = np.array(inter["gamma"])
+        panels.append(("γ (row k: curvature of k along j's gradient / own)", g, "viridis", (0, max(1.5, g.max()))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for ax, (title, matrix, cmap, (vmin, vmax)) in zip(axes[0], panels, strict=True):
+        mat = np.asarray(matrix)
+        im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _trained(data: dict[str, Any]) -> bytes:
+    """The proposal against uniform and token-proportional, each trained for real (every seed shown)."""
+    import matplotlib.pyplot as plt
+
+    real = data["trained_for_real"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for x, (label, v) in enumerate(real.items()):
+        ax.bar(x, v["mean"], color=HIGHLIGHT.get(label, "tab:blue"), alpha=0.7)
+        ax.scatter([x] * len(v["seeds"]), v["seeds"], color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(real)), list(real))
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("objective, trained for real")
+    fig.tight_layout()
+    return _png(fig)
+
+
+FIGURES = {
+    "scatter": ("Merged proxy vs trained for real", _scatter),
+    "predictors": ("Every predictor against the truth", _predictors),
+    "trained": ("Proposal vs baselines, trained for real", _trained),
+    "interference": ("Interference between domains", _interference),
+}
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def write_report(result: Consistency, report_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    data = result.data
+    report_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for key, (_, draw) in FIGURES.items():
+        figures[key] = draw(data)
+        with atomic_path(report_dir / "figures" / f"{key}.png") as tmp:
+            tmp.write_bytes(figures[key])
+    write_json(report_dir / "consistency.json", data)
+    tables = {"agreement": agreement_rows(data), "ranks": rank_rows(data), "compute": compute_rows(data)}
+    s = data["settings"]
+    intro = (f"{s['mixtures']} mixtures, each trained {s['seeds']}x for real ({s['mixture_steps']} steps from the "
+             f"base) and ranked by the merged proxy ({s['expert_steps']}-step experts, replay {s['replay']}). "
+             "The noise ceiling is the rank agreement between two trainings of the same mixtures: no proxy can "
+             "be trusted beyond it. Intervals: 95% bootstrap.")
+    md = [f"# Rank consistency\n\n{intro}\n"]
+    md += [f"- warning: {w}" for w in result.warnings]
+    md += ["\n## Agreement with the real mixture runs\n", _md_table(*tables["agreement"]),
+           "\n## Mixtures, ranked by the real runs\n", _md_table(*tables["ranks"]),
+           "\n## Compute\n", _md_table(*tables["compute"]), ""]
+    md += [f"\n## {title}\n\n![{key}](figures/{key}.png)\n" for key, (title, _) in FIGURES.items()]
+    write_text(report_dir / "report.md", "\n".join(md))
+    imgs = "".join(
+        f'<h2>{html.escape(title)}</h2><img class="figure" alt="{key}" '
+        f'src="data:image/png;base64,{base64.b64encode(figures[key]).decode()}">'
+        for key, (title, _) in FIGURES.items()
+    )
+    warn = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in result.warnings)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mergemix rank consistency</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;
+margin:1em 0;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child,
+th:first-child{{text-align:left}}.warning{{background:#fff3cd;padding:6px 10px;border-left:4px solid #e0a800}}
+img.figure{{max-width:100%}}</style></head><body><h1>Rank consistency</h1><p>{html.escape(intro)}</p>{warn}
+<h2>Agreement with the real mixture runs</h2>{_html_table(*tables["agreement"], "agreement-table")}
+<h2>Mixtures, ranked by the real runs</h2>{_html_table(*tables["ranks"], "rank-table")}
+<h2>Compute</h2>{_html_table(*tables["compute"], "compute-table")}{imgs}</body></html>
+"""
+    write_text(report_dir / "index.html", page)
