@@ -162,7 +162,7 @@ def test_index_html_renders_in_headless_chromium(micro_report: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_report_keeps_finished_mixture_runs(micro_data: dict[str, Any], tmp_path: Path) -> None:
-    recipe = _report_recipe(micro_data, tmp_path, steps=40, mixtures=5, interference_batches=0)
+    recipe = _report_recipe(micro_data, tmp_path, steps=20, mixtures=5, interference_batches=0)
     runs = tmp_path / "run" / "report" / "runs"
     cmd = [sys.executable, "-m", "mergemix.cli", "-q", "report", str(recipe)]
     env = {**os.environ, "TQDM_DISABLE": "1"}

@@ -154,7 +154,7 @@ def _truth(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[l
     done = sum((out_dir / f"{k}.json").exists() for k in keys.values())
     log.info("mixture runs: %d of %d already done", done, len(jobs))
     runs: list[list[dict[str, Any]]] = [[{} for _ in range(r.report.seeds)] for _ in mixtures]
-    for i, s in tqdm(jobs, desc="mixture runs", initial=0, leave=False):
+    for i, s in tqdm(jobs, desc="mixture runs", leave=False):
         runs[i][s] = mixture_run(r, ws.model, ws.blocks, mixtures[i], s, keys[i, s], out_dir, proposed.evaluator)
     return runs
 
@@ -168,8 +168,7 @@ def _interference(ws: Workspace, proposed: Proposed) -> dict[str, Any]:
     path = ws.run_dir / "report" / "interference.json"
     if path.exists() and read_json(path).get("key") == key:
         return read_json(path)
-    base = {n: t.clone() for n, t in proposed.merger.base.items()}
-    cosines = task_vector_cosines(base, [e.state() for e in ws.experts])
+    cosines = task_vector_cosines(proposed.merger.base, [e.state() for e in ws.experts])
     out: dict[str, Any] = {"key": key, "cosine": np.round(cosines, 4).tolist()}
     if n_rows:
         rng = np.random.default_rng([r.seed, 9])
