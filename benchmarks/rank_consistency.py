@@ -7,7 +7,7 @@ and token-proportional, each trained for real. Everything is cached in the run d
 resumes.
 
     python benchmarks/rank_consistency.py                      # demo scale: 0.8M parameters, 2 CPU cores
-    python benchmarks/rank_consistency.py --scale large        # ~25M parameters, for a machine with a GPU
+    python benchmarks/rank_consistency.py --scale large        # ~36M parameters, for a machine with a GPU
     python benchmarks/rank_consistency.py report.mixtures=16   # any recipe override
 
 Demo scale on 2 CPU cores: about 15 minutes with a warm cache (24 mixture runs of 300 steps), about 20
@@ -25,7 +25,7 @@ from mergemix.report import rank_consistency
 
 SCALES = {
     "demo": [],
-    # ~25M parameters (hidden 512, 8 layers): minutes per mixture run on one GPU, hours on a CPU
+    # ~36M parameters (hidden 512, 8 layers): minutes per mixture run on one GPU, hours on a CPU
     "large": ["base.demo.hidden=512", "base.demo.layers=8", "base.demo.heads=8", "base.demo.ffn=2048",
               "base.demo.vocab=4096", "base.demo.steps=3000", "base.demo.lr=1e-3", "base.demo.batch_size=32",
               "experts.batch_size=32", "experts.lr=3e-4", "experts.steps=300", "data.seq_len=256",
