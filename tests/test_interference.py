@@ -12,7 +12,7 @@ VOCAB = 64
 
 
 def _tiny(seed: int = 0) -> torch.nn.Module:
-    spec = DemoBaseSpec(hidden=32, layers=1, heads=2, ffn=64, vocab=300)  # spec.vocab sizes a tokenizer; the model gets VOCAB
+    spec = DemoBaseSpec(hidden=32, layers=1, heads=2, ffn=64, vocab=300)  # vocab sizes a tokenizer: unused
     return build_demo_model(spec, VOCAB, 32, 0, seed=seed)
 
 
@@ -73,7 +73,8 @@ def test_hessian_vector_products_match_finite_differences() -> None:
             minus = _flat_grad(model, x)
             model.load_state_dict(before)
             hv = (plus - minus) / (2 * eps)
-            assert result.response[k, j] == pytest.approx(float(hv.norm() / v.norm()), rel=1e-4)  # the model upcasts to float32 in RMSNorm
+            # rel 1e-4, not tighter: Llama's RMSNorm computes in float32 even in a float64 model
+            assert result.response[k, j] == pytest.approx(float(hv.norm() / v.norm()), rel=1e-4)
 
 
 def test_gamma_shape_diagonal_and_model_left_as_it_was() -> None:

@@ -31,17 +31,20 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 22  # elements per block of a task vector: 4M × K float64 ≈ 32 MB per expert at a time
-NEGATIVE_COSINE = -0.2  # task vectors from one base are near-orthogonal or mildly aligned; below this they cancel
+NEGATIVE_COSINE = -0.2  # task vectors from one base are near-orthogonal or aligned; below this they cancel
 
 Params = dict[str, torch.Tensor]  # parameter name → tensor (a point or a direction in parameter space)
+Chunk = tuple[torch.Tensor, float]  # a batch of token rows and its weight in the domain's mean
 
 
-def task_vector_cosines(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+def task_vector_cosines(
+    base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]]
+) -> np.ndarray:
     """K×K cosine similarity of the flattened task vectors τ_k = Θ_k − Θ_base (dimensionless, in [−1, 1]).
 
-    Only floating-point tensors of `base` count (integer buffers are skipped); a tensor an expert does not carry
-    contributes zero to its task vector, as in the merge. Dot products accumulate in float64, block by block,
-    so no vector of the full parameter count is ever built. A zero task vector has NaN cosines.
+    Only floating-point tensors of `base` count (integer buffers are skipped); a tensor an expert does not
+    carry contributes zero to its task vector, as in the merge. Dot products accumulate in float64, block by
+    block, so no vector of the full parameter count is ever built. A zero task vector has NaN cosines.
     """
     k = len(experts)
     gram = np.zeros((k, k))
@@ -59,7 +62,8 @@ def _tensor_gram(name: str, base: torch.Tensor, experts: Sequence[Mapping[str, t
     """τ_iᵀτ_j restricted to one tensor, in float64."""
     for e in experts:
         if name in e and e[name].shape != base.shape:
-            raise ValueError(f"expert tensor {name} has shape {tuple(e[name].shape)}, the base {tuple(base.shape)}")
+            raise ValueError(f"expert tensor {name} has shape {tuple(e[name].shape)}, "
+                             f"the base {tuple(base.shape)}")
     flat = base.reshape(-1)
     gram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
     for start in range(0, flat.numel(), CHUNK):
@@ -96,12 +100,13 @@ def interference_gamma(
 ) -> Gamma:
     """γ_kj = (‖H_k g_j‖ / ‖g_j‖) / (‖H_k g_k‖ / ‖g_k‖) for an HF causal LM at its current weights (the base).
 
-    H_k and g_k are the Hessian and gradient of domain k's mean next-token loss (nats per token) over the rows
-    of `batches[k]`, a LongTensor (n, seq_len) of token blocks, with respect to every parameter (frozen or not), taken `batch_size` rows at a time and at most
-    `max_batches` times (None: all rows). γ_kj > 1 means domain k's curvature reacts more to domain j's
-    gradient than to its own: the cross terms ½ α_k α_j τ_kᵀHτ_j of the merge proxy's second-order error
-    (paper §3.3) are then not small next to the diagonal ones, and mixtures trading k against j can be
-    mis-ranked. See `dominance_warnings`.
+    H_k and g_k are the Hessian and gradient, with respect to every parameter (frozen or not), of domain k's
+    mean next-token loss (nats per token) over the rows of `batches[k]`, a LongTensor (n, seq_len) of token
+    blocks taken `batch_size` rows at a time and at most `max_batches` times (None: all rows).
+
+    γ_kj > 1 means domain k's curvature reacts more to domain j's gradient than to its own: the cross terms
+    ½ α_k α_j τ_kᵀHτ_j of the merge proxy's second-order error (paper §3.3) are then not small next to the
+    diagonal ones, and mixtures trading k against j can be mis-ranked. See `dominance_warnings`.
 
     H_k v is the derivative of domain k's gradient along v, computed forward over reverse (`torch.func.jvp` of
     `torch.func.grad`): it equals the finite difference (g_k(Θ + εv) − g_k(Θ − εv)) / 2ε of the gradient that
@@ -112,8 +117,10 @@ def interference_gamma(
 
     Cost: K·b gradient passes and K²·b Hessian-vector products for b = min(max_batches, ⌈n / batch_size⌉)
     batches per domain; a gradient pass costs about one training step, an HVP about three. For the 0.8M demo
-    model (hidden 128, 2 layers, seq_len 128) with K = 4, b = 2 and batch_size 8 that is 8 + 32 passes, ~30 s
-    on one CPU core. Memory: 2K copies of the parameters plus one batch's forward-over-reverse activations.
+    model (hidden 128, 2 layers, seq_len 128) with K = 4, b = 2 and batch_size 8 that is 8 + 32 passes: ~20 s
+    (~80 training steps) on one CPU core. Memory: 2K copies of the parameters plus one batch's
+    forward-over-reverse activations.
+
     Runs in the model's dtype (float32 for mergemix bases), in eval mode (no dropout), with the math attention
     kernel (CPU's fused SDPA kernel has no forward-mode AD; other non-eager implementations are switched to
     eager meanwhile). The model's parameters are not differentiated in place: weights, modes, requires_grad
@@ -134,10 +141,11 @@ def interference_gamma(
     return Gamma(gamma=gamma, response=response, grad_norms=grad_norms)
 
 
-def _chunks(rows: torch.Tensor, batch_size: int, max_batches: int | None) -> list[tuple[torch.Tensor, float]]:
+def _chunks(rows: torch.Tensor, batch_size: int, max_batches: int | None) -> list[Chunk]:
     """(batch, weight) pairs whose weights (shares of the rows used) sum to 1."""
     if rows.dim() != 2 or rows.is_floating_point() or len(rows) == 0:
-        raise ValueError(f"expected a non-empty LongTensor (n, seq_len) of tokens, got {rows.dtype} {tuple(rows.shape)}")
+        raise ValueError(f"expected a non-empty LongTensor (n, seq_len) of tokens, "
+                         f"got {rows.dtype} {tuple(rows.shape)}")
     parts = list(rows.split(batch_size))[:max_batches]
     used = sum(len(p) for p in parts)
     return [(p, len(p) / used) for p in parts]
@@ -173,7 +181,7 @@ def _loss_grad(model: torch.nn.Module, x: torch.Tensor) -> Callable[[Params], Pa
     return torch.func.grad(lambda params: torch.func.functional_call(model, params, (x,), {"labels": x}).loss)
 
 
-def _mean_grad(model: torch.nn.Module, params: Params, chunks: list[tuple[torch.Tensor, float]], bar: tqdm) -> Params:
+def _mean_grad(model: torch.nn.Module, params: Params, chunks: list[Chunk], bar: tqdm) -> Params:
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     for x, w in chunks:
         for name, g in _loss_grad(model, x)(params).items():
@@ -182,9 +190,10 @@ def _mean_grad(model: torch.nn.Module, params: Params, chunks: list[tuple[torch.
     return total
 
 
-def _hvps(model: torch.nn.Module, params: Params, chunks: list[tuple[torch.Tensor, float]], vectors: list[Params],
-          bar: tqdm) -> list[Params]:
-    """H v for each v in `vectors`: the derivative of the chunks' mean gradient along v (forward over reverse)."""
+def _hvps(
+    model: torch.nn.Module, params: Params, chunks: list[Chunk], vectors: list[Params], bar: tqdm
+) -> list[Params]:
+    """H v for each v in `vectors`: the chunks' mean gradient differentiated along v, forward over reverse."""
     total = [{name: torch.zeros_like(p) for name, p in params.items()} for _ in vectors]
     for x, w in chunks:
         grad = _loss_grad(model, x)
@@ -199,7 +208,9 @@ def _norm(v: Params) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in v.values()))
 
 
-def dominance_warnings(gamma: np.ndarray, names: Sequence[str], cosines: np.ndarray | None = None) -> list[str]:
+def dominance_warnings(
+    gamma: np.ndarray, names: Sequence[str], cosines: np.ndarray | None = None
+) -> list[str]:
     """One sentence per pair of domains where the merge proxy may mis-rank mixtures; empty when all is well.
 
     γ (from `interference_gamma`) is diagonally dominant when every off-diagonal γ_kj < 1: each domain's
