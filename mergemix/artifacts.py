@@ -7,6 +7,7 @@ killed run leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,8 +27,9 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
-    The temporary path exists as an empty file; a caller writing a directory removes it first. A directory
-    replaces an existing `path` only when that is empty, so callers write directories once, to a new name.
+    The temporary path exists as an empty file; a caller writing a directory removes it first. Directories
+    are written once, to a content-addressed name: where another process wrote a non-empty `path` first
+    (two runs building the same cached base), its copy is kept and this one dropped.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_UMASK)  # mkstemp makes 0600
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if not (os.path.isdir(tmp) and e.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                raise
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

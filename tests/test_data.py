@@ -114,3 +114,22 @@ def test_undecodable_and_corrupt_files_are_named(tmp_path: Path) -> None:
 def test_a_glob_can_name_saved_datasets(micro_data: dict[str, Any], tmp_path: Path) -> None:
     pattern = str(Path(micro_data["sources"]["facts"]).parent / "facts_*")
     assert len(read_texts(pattern, "auto", "text", tmp_path)) == 300
+
+
+def test_atomic_directory_keeps_a_copy_another_process_wrote_first(tmp_path: Path) -> None:
+    from mergemix.artifacts import atomic_path
+
+    target = tmp_path / "base-abc"
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        tmp.mkdir()
+        (tmp / "weights").write_text("mine")
+        target.mkdir()  # a concurrent build finished first
+        (target / "weights").write_text("theirs")
+    assert (target / "weights").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["base-abc"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "missing" / "x") as tmp:
+        tmp.unlink()
+        tmp.mkdir()
+        (tmp / "f").write_text("")
+        raise FileNotFoundError("an error inside the block still propagates")
