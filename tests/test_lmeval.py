@@ -16,7 +16,7 @@ import yaml
 from mergemix.errors import MergemixError
 from mergemix.evaluate import EvalContext, Evaluator
 from mergemix.evaluate.kinds import MultipleChoice
-from mergemix.evaluate.lmeval import LmEval
+from mergemix.evaluate.lmeval import LmEval, write_mc_task
 from mergemix.recipe import BenchmarkSpec, recipe_from_dict
 
 NEEDS = "lm-eval is not installed (pip install 'mergemix[lmeval]'); `make test` installs it"
@@ -37,20 +37,12 @@ def _items(n: int = 30) -> list[dict[str, Any]]:
 
 
 def _write_task(root: Path, items: list[dict[str, Any]], name: str = "local_mc") -> tuple[Path, Path]:
-    """(jsonl file, task folder): an lm-eval task whose prompt is the question, target delimiter " " and
-    choices the options, which is exactly what the multiple_choice kind scores."""
+    """(jsonl file, task folder): the items as a multiple-choice file and as the lm-eval task that
+    scores it the way kind multiple_choice does."""
     data = root / "mc.jsonl"
     data.write_text("".join(json.dumps(it) + "\n" for it in items))
-    folder = root / "tasks"
-    folder.mkdir(exist_ok=True)
-    task = {
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "question",
-        "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": " ",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-    }
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
-    return data, folder
+    write_mc_task(root / "tasks", name, data)
+    return data, root / "tasks"
 
 
 def _ctx(tok: Any, tmp_path: Path, batch_size: int = 8) -> EvalContext:
@@ -145,6 +137,23 @@ def test_lm_eval_kind_scores_like_multiple_choice_and_follows_in_place_weight_ch
     assert after["lm"]["acc"] == pytest.approx(after["mc"]["acc"])
     fresh = Evaluator(recipe, tok, {}, tmp_path)(model)  # a new HFLM and freshly loaded task
     assert after["lm"] == fresh["lm"]
+
+
+def test_few_shot_prompts_are_the_same_for_every_merge(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason=NEEDS)
+    model, tok = tiny_lm
+    _, folder = _write_task(tmp_path, _items(12))
+    task_yaml = folder / "local_mc.yaml"
+    task = yaml.safe_load(task_yaml.read_text())
+    task_yaml.write_text(yaml.safe_dump({**task, "num_fewshot": 3, "fewshot_split": "test"}))
+    spec = BenchmarkSpec(name="t", kind="lm_eval", task=str(folder))
+    bench = LmEval(spec, _ctx(tok, tmp_path), LmEval.read(spec, tmp_path))
+    prompts = []
+    for _ in range(2):
+        bench.score(model)
+        prompts.append([instance.args[0] for instance in bench.task.instances])
+    assert prompts[0][0].count("\n\n") == 3  # three examples precede the question
+    assert prompts[0] == prompts[1]
 
 
 def test_task_is_resolved_and_checked_before_training(tmp_path: Path) -> None:

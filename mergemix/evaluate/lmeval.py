@@ -103,6 +103,24 @@ def _load_task(spec: BenchmarkSpec) -> tuple[Any, str, Path | None]:
     return task_dict, name, Path(yaml_path) if yaml_path else None
 
 
+def write_mc_task(folder: Path, name: str, data: Path) -> Path:
+    """Write the lm-eval task that scores a multiple-choice file of kind multiple_choice (lines with
+    `question`, `choices`, `answer`) the way that kind does: prompt = the question, target delimiter " ",
+    options = the choices, acc and acc_norm. Returns the task's YAML file."""
+    import yaml
+
+    task = {
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "question",
+        "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": " ",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def _digest(texts: list[str]) -> str:
     h = Hasher()
     for t in texts:
@@ -162,6 +180,9 @@ class LmEval(Benchmark):
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> dict[str, float]:
+        # Few-shot examples are drawn from the task's generator on every call: reseed it so that every
+        # merge is scored on the same prompts.
+        self.task.set_fewshot_seed(seed=self.ctx.seed)
         out = self._lm_eval.evaluator.evaluate(
             lm=self._wrapped(model), task_dict=self.task_dict, samples=self.samples, cache_requests=False,
             bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True,
