@@ -12,7 +12,8 @@ public `score`; lm-eval's from its logged samples.
 Where every option is one token (word_problems_mc's numbers), lm-eval's HFLM runs one forward pass per
 item (its logits cache shares the question among one-token continuations) and mergemix one per option.
 
-Needs lm-eval (pip install 'mergemix[lmeval]'). On 2 CPU cores the default run takes about a minute.
+Needs lm-eval (pip install 'mergemix[lmeval]'). On 2 idle CPU cores the default run takes ~15 s; on a
+loaded machine both scorers slow down many times over, so compare only figures from one run.
 """
 
 from __future__ import annotations
