@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from mergemix.artifacts import stable_hash
 from mergemix.errors import MergemixError
 from mergemix.evaluate import EvalContext, Evaluator
 from mergemix.evaluate.kinds import MultipleChoice
@@ -172,6 +173,12 @@ def test_task_is_resolved_and_checked_before_training(tmp_path: Path) -> None:
 
     key = LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)
     assert key["task"] == "local_mc" and key["n_docs"] == 5
+    assert stable_hash(LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)) == \
+        stable_hash(key)  # the trial log's key (pipeline.evaluation_key) is stable ...
+    edited = [{**it, "answer": (it["answer"] + 1) % len(it["choices"])} for it in _items(5)]
+    _write_task(tmp_path, edited)
+    changed = LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)
+    assert changed["docs"] != key["docs"] and changed["config"] == key["config"]  # ... and follows the data
     _write_task(tmp_path, _items(6), name="second")
     with pytest.raises(MergemixError, match="holds 2 tasks"):
         LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)

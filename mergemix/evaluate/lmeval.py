@@ -45,6 +45,9 @@ def _import_lm_eval() -> ModuleType:
         import lm_eval.tasks
     except ImportError as e:
         raise MergemixError(f"kind lm_eval needs lm-eval ({e}): pip install 'mergemix[lmeval]'") from None
+    quiet = logging.getLogger("lm_eval")
+    if quiet.level == logging.NOTSET:  # lm-eval logs every request batch at INFO: keep its warnings only
+        quiet.setLevel(logging.WARNING)
     return lm_eval
 
 
