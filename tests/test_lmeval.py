@@ -117,9 +117,11 @@ def test_lm_eval_kind_scores_like_multiple_choice_and_follows_in_place_weight_ch
     recipe = _recipe(micro_data, tmp_path, [
         {"name": "mc", "kind": "multiple_choice", "path": str(data), "metric": "acc"},
         {"name": "lm", "kind": "lm_eval", "task": str(folder)},
+        {"name": "lm_sample", "kind": "lm_eval", "task": str(folder), "metric": "acc_norm", "max_items": 7},
     ])
     evaluate = Evaluator(recipe, tok, {}, tmp_path)
     before = evaluate(model)
+    assert before["lm_sample"]["n"] == 7
     assert set(before["lm"]) == {"acc", "acc_se", "acc_norm", "acc_norm_se", "n", "chance"}
     for key in ("acc", "acc_norm", "n", "chance"):
         assert before["lm"][key] == pytest.approx(before["mc"][key])

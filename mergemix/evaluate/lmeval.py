@@ -172,6 +172,8 @@ class LmEval(Benchmark):
         self.samples = None
         if spec.max_items is not None and n > spec.max_items:
             self.samples = {self.task_name: sorted(random.Random(ctx.seed).sample(range(n), spec.max_items))}
+        log.info("benchmark %s: lm-eval task %s (%s), %d of %d documents", spec.name, self.task_name,
+                 self.task.OUTPUT_TYPE, spec.max_items if self.samples else n, n)
         self._lm: Any = None
 
     def _wrapped(self, model: torch.nn.Module) -> Any:
