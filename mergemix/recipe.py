@@ -178,6 +178,10 @@ class BenchmarkSpec(_Model):
         "alternatively `domain`"
     )
     domain: str | None = Field(None, description="perplexity only: score the held-out pool of this domain")
+    task: str | None = Field(
+        None, description="lm_eval only: lm-eval task name, or a folder/YAML file of task definitions "
+        "(install with pip install 'mergemix[lmeval]')"
+    )
     text_field: str = Field("text", description="perplexity: field holding the text in jsonl/json/parquet")
     metric: str | None = Field(
         None,
@@ -199,7 +203,12 @@ class BenchmarkSpec(_Model):
     def _source(self) -> BenchmarkSpec:
         from mergemix.evaluate import BENCHMARKS
 
-        if (self.path is None) == (self.domain is None):
+        if (self.kind == "lm_eval") != (self.task is not None):
+            raise ValueError("kind lm_eval needs task (an lm-eval task name, or a folder/YAML file of task "
+                             "definitions); other kinds take no task")
+        if self.task is not None and (self.path is not None or self.domain is not None):
+            raise ValueError("kind lm_eval reads its data through the task; give neither path nor domain")
+        if self.task is None and (self.path is None) == (self.domain is None):
             raise ValueError("set exactly one of path or domain")
         if self.domain is not None and self.kind != "perplexity":
             raise ValueError("domain is only for perplexity benchmarks; give a path")

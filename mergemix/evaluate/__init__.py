@@ -10,6 +10,7 @@ import torch
 
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext
+from mergemix.evaluate.lmeval import LmEval  # noqa: F401  (registers kind lm_eval; lm-eval itself loads lazily)
 from mergemix.evaluate.objective import Objective
 from mergemix.recipe import Recipe
 
