@@ -52,7 +52,7 @@ def test_code_has_no_docstrings_and_prose_is_docs(cache: Path) -> None:
 def test_word_problems_mc_is_well_formed(cache: Path) -> None:
     items = load_mc_items("builtin:word_problems_mc", cache)
     assert len(items) == 400
-    for _, question, choices, answer in items:
+    for _, question, choices, answer, _ in items:
         assert question.endswith(" =") and len(set(choices)) == 4
         work = question.rpartition("Answer: ")[2].removesuffix(" =")
         assert eval(work) == int(choices[answer])  # noqa: S307 - generated arithmetic like "12 + 7"

@@ -111,3 +111,59 @@ def test_objective_keeps_its_sign_when_every_expert_is_worse_than_the_base() -> 
     obj = Objective.from_references(spec, base, [{"ppl": {"loss": 4.2}}, {"ppl": {"loss": 5.0}}])
     assert obj({"ppl": {"loss": 3.9}})[2] == pytest.approx(0.1)  # better than the base: positive
     assert obj({"ppl": {"loss": 5.0}})[2] == pytest.approx(-1.0)
+
+
+class CharTokenizer:
+    """One token per character (its code point); 0 is end of text."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i)
+
+
+class Bigram(torch.nn.Module):
+    """A model whose next-token logits depend on the current token only: table[current] (128 x 128)."""
+
+    def __init__(self, pairs: dict[str, dict[str, float]]) -> None:
+        super().__init__()
+        table = torch.full((128, 128), -10.0)
+        for cur, nxt in pairs.items():
+            for tok, logit in nxt.items():
+                table[ord(cur), ord(tok)] = logit
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        return type("Out", (), {"logits": self.table[input_ids], "past_key_values": None})()
+
+
+def test_blank_ppl_uses_the_text_after_the_blank(tmp_path: Path) -> None:
+    # After "x", "a" and "b" are equally likely; only "a" is followed well by "c". After a space (the
+    # plain continuation of acc) the model prefers "b": acc must miss and blank_ppl must hit.
+    model = Bigram({"x": {"a": 0.0, "b": 0.0, " ": 0.0}, "a": {"c": 5.0}, "b": {"c": -5.0}, " ": {"b": 3.0}})
+    items = [{"question": "x", "choices": ["a", "b"], "answer": 0, "blank": "x___c"},
+             {"question": "x", "choices": ["b", "a"], "answer": 1, "blank": "x{blank}c"}]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    result = MultipleChoice(spec, _ctx(CharTokenizer(), tmp_path), MultipleChoice.read(spec, tmp_path)).score(model)
+    assert result["blank_ppl"] == 1.0 and result["acc"] == 0.0
+    assert result["margin"] == pytest.approx(result["score"])  # two options: the mean wrong is the best wrong
+
+
+def test_blank_template_at_the_end_scores_the_option_per_token(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    """The default cloze text is the question with the blank at its end: one request per option, shared
+    with acc's, and blank_ppl is the accuracy of the best mean log-prob per token."""
+    model, tok = tiny_lm
+    items = [{"question": "the quick", "choices": ["fox", "dog jumps", "0"], "answer": 1},
+             {"question": "1 + 2 =", "choices": ["3", "4 4 4 4"], "answer": 0}]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    bench = MultipleChoice(spec, _ctx(tok, tmp_path), MultipleChoice.read(spec, tmp_path))
+    assert len(bench.requests) == 5
+    expected = []
+    for it in items:
+        per_tok = [s / n for s, n in (_direct_logprob(model, tok, it["question"], c) for c in it["choices"])]
+        expected.append(float(per_tok.index(max(per_tok)) == it["answer"]))
+    assert bench.score(model)["blank_ppl"] == pytest.approx(sum(expected) / 2)
