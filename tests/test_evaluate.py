@@ -9,6 +9,7 @@ import torch
 
 from mergemix.errors import MergemixError
 from mergemix.evaluate import EvalContext, Objective
+from mergemix.evaluate.generation import Generation, greedy_generate
 from mergemix.evaluate.kinds import MultipleChoice, Perplexity
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
@@ -167,3 +168,95 @@ def test_blank_template_at_the_end_scores_the_option_per_token(tiny_lm: tuple[An
         per_tok = [s / n for s, n in (_direct_logprob(model, tok, it["question"], c) for c in it["choices"])]
         expected.append(float(per_tok.index(max(per_tok)) == it["answer"]))
     assert bench.score(model)["blank_ppl"] == pytest.approx(sum(expected) / 2)
+
+
+def _gen_file(tmp_path: Path, lines: list[Any], name: str = "gen.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return p
+
+
+# After "Answer:" this model says " 42" and a newline, then "Q" forever.
+FORTY_TWO = {":": {" ": 5.0}, " ": {"4": 5.0}, "4": {"2": 5.0}, "2": {"\n": 5.0}, "\n": {"Q": 5.0}, "Q": {"Q": 5.0}}
+
+
+def _generation(tmp_path: Path, items: list[Any], **fields: Any) -> Generation:
+    spec = BenchmarkSpec(name="gen", kind="generation", path=str(_gen_file(tmp_path, items)), **fields)
+    return Generation(spec, _ctx(CharTokenizer(), tmp_path), Generation.read(spec, tmp_path))
+
+
+def test_generation_exact_match_and_f1(tmp_path: Path) -> None:
+    items = [{"question": f"q{i}", "answers": ["42", "forty-two"]} for i in range(3)]
+    items += [{"question": "q3", "answer": "The 42."}, {"question": "q4", "answer": "43"},
+              {"question": "q5", "answer": "42 apples"}]
+    bench = _generation(tmp_path, items, shots=0)
+    assert bench.answers(Bigram(FORTY_TWO)) == ["42"] * 6
+    result = bench.score(Bigram(FORTY_TWO))
+    assert result["exact_match"] == pytest.approx(4 / 6)  # "The 42." normalizes to "42"
+    assert result["f1"] == pytest.approx((4 + 2 / 3) / 6)  # "42" vs "42 apples": precision 1, recall 1/2
+    assert result["chance"] == 0.0
+
+
+def test_generation_stops_at_stop_strings_and_max_new_tokens(tmp_path: Path) -> None:
+    items = [{"question": f"q{i}", "answer": "4"} for i in range(3)]
+    assert _generation(tmp_path, items, shots=0, stop=["2"]).answers(Bigram(FORTY_TWO)) == ["4"] * 3
+    assert _generation(tmp_path, items, shots=0, stop=["x"], max_new_tokens=6).answers(Bigram(FORTY_TWO)) == [
+        "42\nQQ"] * 3  # " 42\nQQ" is six tokens, stripped
+
+
+def test_generation_shots_are_never_scored_items(tmp_path: Path) -> None:
+    items = [{"question": f"question {i}?", "answer": f"a{i}"} for i in range(12)]
+    bench = _generation(tmp_path, items, shots=3, max_items=5, instruction="Be brief.")
+    header = CharTokenizer().decode(bench.prompts[0]).rpartition("Question: ")[0]
+    assert header.startswith("Be brief.\n\n") and header.count("Question: ") == 3
+    shot_questions = {s.question for s in bench.shots}
+    assert len(shot_questions) == 3 and len(bench.items) == 5
+    for it, prompt in zip(bench.items, bench.prompts, strict=True):
+        assert it.question not in shot_questions
+        text = CharTokenizer().decode(prompt)
+        assert text.startswith(header) and text.endswith(f"Question: {it.question}\nAnswer:")
+    for s in bench.shots:
+        assert f"Question: {s.question}\nAnswer: {s.answers[0]}\n\n" in header
+
+
+def test_greedy_generation_with_cache_matches_without(tiny_lm: tuple[Any, Any]) -> None:
+    model, tok = tiny_lm
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs: Any) -> Any:
+            return self.inner(**{**kwargs, "use_cache": False})
+
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the quick brown", "1 + 2 = 3 and 4 + 5", "dog")]
+    batched = greedy_generate(model, tok, prompts, 6, ["\n"])
+    assert batched == greedy_generate(NoCache(model), tok, prompts, 6, ["\n"])
+    assert batched == [greedy_generate(model, tok, [p], 6, ["\n"])[0] for p in prompts]  # padding changes nothing
+
+
+@pytest.mark.parametrize(
+    ("line", "pattern"),
+    [
+        ('{"question": "q"}', r"gen.jsonl:2: missing field answer"),
+        ('{"answer": "b"}', r"gen.jsonl:2: missing field question"),
+        ('{"question": "q", "answer": ""}', r"gen.jsonl:2: empty answer"),
+        ('{"question": "q", "answer": "The."}', r"gen.jsonl:2: empty answer"),
+        ('{"question": "q", "answers": []}', r"gen.jsonl:2: answer must be text"),
+        ('{"question": "q", "answer": 3}', r"gen.jsonl:2: answer must be text"),
+        ('{"question": "", "answer": "b"}', r"gen.jsonl:2: question must be non-empty"),
+    ],
+)
+def test_malformed_generation_names_line(tmp_path: Path, line: str, pattern: str) -> None:
+    good = {"question": "q", "answer": "b"}
+    spec = BenchmarkSpec(name="gen", kind="generation", path=str(_gen_file(tmp_path, [good, line, good])), shots=0)
+    with pytest.raises(MergemixError, match=pattern):
+        Generation.read(spec, tmp_path)
+
+
+def test_generation_needs_items_beyond_its_shots(tmp_path: Path) -> None:
+    spec = BenchmarkSpec(name="gen", kind="generation", shots=3,
+                         path=str(_gen_file(tmp_path, [{"question": "q", "answer": "b"}] * 4)))
+    with pytest.raises(MergemixError, match=r"gen.jsonl: 4 items; 3 are held out .* lower shots"):
+        Generation.read(spec, tmp_path)
