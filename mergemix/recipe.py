@@ -250,6 +250,10 @@ class BenchmarkSpec(_Model):
             raise ValueError("question_template must contain {question}")
         if "___" not in self.blank_template and "{blank}" not in self.blank_template:
             raise ValueError("blank_template must contain ___ or {blank} where each option goes")
+        from mergemix.evaluate.objective import CHANCE_METRICS
+
+        if self.ceiling is not None and self.objective_metric in CHANCE_METRICS and not 0 < self.ceiling <= 1:
+            raise ValueError(f"ceiling of {self.objective_metric} must lie in (0, 1], got {self.ceiling}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if self.path and not self.allow_test_split and (part := looks_like_test_split(self.path)):

@@ -260,3 +260,23 @@ def test_generation_needs_items_beyond_its_shots(tmp_path: Path) -> None:
                          path=str(_gen_file(tmp_path, [{"question": "q", "answer": "b"}] * 4)))
     with pytest.raises(MergemixError, match=r"gen.jsonl: 4 items; 3 are held out .* lower shots"):
         Generation.read(spec, tmp_path)
+
+
+def test_objective_ceiling_maps_to_one_and_chance_to_zero() -> None:
+    spec = EvalSpec(benchmarks=[
+        BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="blank_ppl", ceiling=0.75),
+        BenchmarkSpec(name="gen", kind="generation", path="y", metric="f1"),
+        BenchmarkSpec(name="ppl", kind="perplexity", domain="d", ceiling=2.0),
+    ])
+    base = {"mc": {"blank_ppl": 0.25, "chance": 0.25}, "gen": {"f1": 0.1, "chance": 0.0}, "ppl": {"loss": 4.0}}
+    obj = Objective.from_references(spec, base, [{**base, "ppl": {"loss": 3.9}}])
+    norm = obj.normalized({"mc": {"blank_ppl": 0.5}, "gen": {"f1": 0.4}, "ppl": {"loss": 3.0}})
+    assert norm == {"mc": pytest.approx(0.5), "gen": pytest.approx(0.4), "ppl": pytest.approx(0.5)}
+
+
+def test_objective_rejects_a_ceiling_below_the_zero_point() -> None:
+    spec = EvalSpec(benchmarks=[BenchmarkSpec(name="ppl", kind="perplexity", domain="d", ceiling=4.5)])
+    with pytest.raises(MergemixError, match=r"'ppl': ceiling 4.5 is no better than .* \(4, the base\)"):
+        Objective.from_references(spec, {"ppl": {"loss": 4.0}}, [{"ppl": {"loss": 3.0}}])
+    with pytest.raises(ValueError, match=r"ceiling of acc must lie in \(0, 1\], got 80"):
+        BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="acc", ceiling=80)
