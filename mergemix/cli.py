@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("propose", "train experts, search mixtures, write proposal.json"),
+                        ("evaluate", "score the base and every expert on every benchmark metric"),
                         ("validate", "check a recipe and print it with every default filled in")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML file")
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_chars=1000000")
         if name == "propose":
             s.add_argument("--json", action="store_true", help="print proposal.json instead of the table")
+        if name == "evaluate":
+            s.add_argument("--stability", action="store_true",
+                           help="also score the path base → expert (t = 0, .25, .5, .75, 1) and print Kendall tau "
+                           "of every metric along it; writes stability.json")
     return p
 
 
@@ -51,9 +56,20 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_recipe(recipe), end="")
             print(f"# {args.recipe}: valid", file=sys.stderr)
             return 0
+        start = time.perf_counter()
+        if args.command == "evaluate":
+            from mergemix.evaluate.stability import STEPS, evaluate_paths
+
+            report = evaluate_paths(recipe, STEPS if args.stability else (0.0, 1.0))
+            print()
+            print(report.scores_table())
+            if args.stability:
+                print()
+                print(report.table())
+            print(f"\nwrote {recipe.resolved_run_dir() / 'stability.json'} in {time.perf_counter() - start:.0f} s")
+            return 0
         from mergemix.pipeline import propose
 
-        start = time.perf_counter()
         proposal = propose(recipe)
         if args.json:
             print(json.dumps(proposal.model_dump(mode="json"), indent=2, sort_keys=True))
