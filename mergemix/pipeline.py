@@ -106,10 +106,11 @@ def prepare_base_and_data(ws: Workspace) -> None:
 
 def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
     """What raw trial scores depend on: experts, merge method, and each benchmark's data and scoring
-    fields. Objective weights, capability groups and metric choice are left out: they are recomputed from
-    the raw scores, so re-weighting an objective re-uses every merge already scored."""
+    fields. Objective weights, capability groups, metric choice and ceiling are left out: they are
+    recomputed from the raw scores, so re-weighting an objective re-uses every merge already scored."""
     benches = [
-        [b.name, b.kind, b.domain, b.text_field, b.max_items, stable_hash(ws.benchmark_data[b.name])]
+        [b.model_dump(mode="json", exclude={"metric", "capability", "ceiling", "allow_test_split"}),
+         stable_hash(ws.benchmark_data[b.name])]
         for b in recipe.evaluation.benchmarks
     ]
     return stable_hash([[e.key for e in ws.experts], recipe.merge.method, recipe.data.seq_len, benches])
@@ -187,6 +188,8 @@ def propose(recipe: Recipe) -> Proposal:
             surrogate=recipe.search.surrogate,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
+            weights=result.objective.weights(),
+            normalization=result.objective.references(),
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

@@ -272,6 +272,10 @@ def test_objective_ceiling_maps_to_one_and_chance_to_zero() -> None:
     obj = Objective.from_references(spec, base, [{**base, "ppl": {"loss": 3.9}}])
     norm = obj.normalized({"mc": {"blank_ppl": 0.5}, "gen": {"f1": 0.4}, "ppl": {"loss": 3.0}})
     assert norm == {"mc": pytest.approx(0.5), "gen": pytest.approx(0.4), "ppl": pytest.approx(0.5)}
+    refs = obj.references()  # written to proposal.json, in each metric's own units
+    assert refs["ppl"] == {"metric": "loss", "capability": "general", "zero": 4.0, "one": 2.0}
+    assert (refs["mc"]["zero"], refs["mc"]["one"], refs["gen"]["zero"]) == (0.25, 0.75, 0.0)
+    assert obj.weights() == {"general": 1.0}
 
 
 def test_objective_rejects_a_ceiling_below_the_zero_point() -> None:

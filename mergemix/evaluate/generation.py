@@ -168,8 +168,7 @@ class Generation(Benchmark):
         if spec.max_items is not None and len(scored) > spec.max_items:
             scored = rng.sample(scored, spec.max_items)
         self.items = scored
-        template = spec.question_template or DEFAULT_TEMPLATE
-        self._template = template
+        self._template = spec.question_template or DEFAULT_TEMPLATE
         header = spec.instruction.strip() + "\n\n" + "".join(
             f"{self._prompt(s.question)} {s.answers[0]}\n\n" for s in self.shots
         )

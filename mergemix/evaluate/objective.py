@@ -64,6 +64,18 @@ class Objective:
                 )
         return cls(spec, refs)
 
+    def references(self) -> dict[str, dict[str, str | float]]:
+        """Per benchmark: its metric, capability group, and the metric values (in its own units) that
+        normalize to 0 and to 1, for proposal.json."""
+        return {b.name: {"metric": b.objective_metric, "capability": b.capability,
+                         "zero": round(_sign(b) * self.refs[b.name][0], 6),
+                         "one": round(_sign(b) * self.refs[b.name][1], 6)}
+                for b in self.spec.benchmarks}
+
+    def weights(self) -> dict[str, float]:
+        """Objective weight of every capability group."""
+        return {g: self.spec.weight(g) for g in sorted({b.capability for b in self.spec.benchmarks})}
+
     def oriented(self, bench: str, raw: Raw) -> float:
         return _oriented(next(x for x in self.spec.benchmarks if x.name == bench), raw)
 
