@@ -10,7 +10,7 @@ import torch
 from mergemix.errors import MergemixError
 from mergemix.evaluate import EvalContext, Objective
 from mergemix.evaluate.generation import Generation, greedy_generate
-from mergemix.evaluate.kinds import MultipleChoice, Perplexity
+from mergemix.evaluate.kinds import MultipleChoice, Perplexity, Request, _score_shared, _score_whole, score_requests
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 
@@ -284,3 +284,21 @@ def test_objective_rejects_a_ceiling_below_the_zero_point() -> None:
         Objective.from_references(spec, {"ppl": {"loss": 4.0}}, [{"ppl": {"loss": 3.0}}])
     with pytest.raises(ValueError, match=r"ceiling of acc must lie in \(0, 1\], got 80"):
         BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="acc", ceiling=80)
+
+
+def test_shared_context_scoring_matches_whole_sequences(tiny_lm: tuple[Any, Any]) -> None:
+    """Contexts run once with their cache copied to each continuation score what whole sequences score,
+    including a request scored from its first token on (nothing to predict it from: it is skipped)."""
+    model, tok = tiny_lm
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tok(text, add_special_tokens=False)["input_ids"])
+
+    texts = [("the quick brown", " fox"), ("the quick brown", " dog jumps over"), ("1 + 2 =", " 3"),
+             ("", "lazy dog"), ("over the lazy dog and the quick brown", " fox")]
+    requests = [Request(ids(c + o), len(ids(c + o)) - len(ids(c))) for c, o in texts]
+    shared = score_requests(model, requests, batch_size=2)
+    whole = _score_whole(model, [r.ids for r in requests], [min(r.n, len(r.ids) - 1) for r in requests])
+    assert [n for _, n in shared] == [n for _, n in whole]
+    assert [lp for lp, _ in shared] == pytest.approx([lp for lp, _ in whole], abs=1e-4)
+    assert _score_shared(model, [ids("1 + 2 =")], [0, 0], [ids(" 3"), ids(" 4")]) is not None  # the cached path ran

@@ -1,4 +1,6 @@
-"""Benchmark kinds: perplexity (held-out loss) and multiple choice (log-likelihood of each option).
+"""Benchmark kinds: perplexity (held-out loss) and multiple choice (log-likelihood of each option, plain
+and in a cloze text); generation lives in `generation.py`. `score_requests` is the batched log-likelihood
+scorer of multiple choice, running each shared context once.
 
 Every kind is built once per run (data read and tokenized once) and then scores any model: `score(model)`
 returns each metric's value and its standard error over items (`<metric>_se`), so a user can compare the
