@@ -10,7 +10,14 @@ import torch
 from mergemix.errors import MergemixError
 from mergemix.evaluate import EvalContext, Objective
 from mergemix.evaluate.generation import Generation, greedy_generate
-from mergemix.evaluate.kinds import MultipleChoice, Perplexity, Request, _score_shared, _score_whole, score_requests
+from mergemix.evaluate.kinds import (
+    MultipleChoice,
+    Perplexity,
+    Request,
+    _score_shared,
+    _score_whole,
+    score_requests,
+)
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 
