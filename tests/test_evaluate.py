@@ -73,6 +73,11 @@ def test_multiple_choice_matches_unbatched_scoring(tiny_lm: tuple[Any, Any], tmp
         ('{"question": "q", "choices": ["a", "b"], "answer": 2}', r"mc.jsonl:2: answer must be an index .*got 2"),
         ('{"question": "q", "choices": ["a"], "answer": 0}', r"mc.jsonl:2: choices must be a list of two or more"),
         ('{"question": "q", "choices": ["a", "b"], "answer": 0', r"mc.jsonl:2: not valid JSON"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 0, "blank": "no marker"}',
+         r"mc.jsonl:2: blank must be text with a ___ or \{blank\} marker"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 0, "blank": 3}', r"mc.jsonl:2: blank must be text"),
+        ('{"choices": ["a", "b"], "answer": 0}', r"mc.jsonl:2: missing field question"),
+        ('["q", ["a", "b"], 0]', r"mc.jsonl:2: expected an object"),
     ],
 )
 def test_malformed_multiple_choice_names_line(tmp_path: Path, line: str, pattern: str) -> None:
