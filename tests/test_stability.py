@@ -52,3 +52,12 @@ def test_cli_evaluate_stability_prints_and_writes_the_table(
     assert len(report["scores"]["math"]) == 5 and report["scores"]["math"][0] == report["scores"]["code"][0]
     rows = {(r["benchmark"], r["metric"]) for r in report["rows"]}
     assert ("sums", "blank_ppl") in rows and ("target", "loss") in rows and len(rows) == 7
+
+
+def test_cli_evaluate_refuses_a_test_split_before_any_work(
+    micro_recipe_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-q", "evaluate", str(micro_recipe_file), "evaluation.benchmarks.sums.path=data/test.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.benchmarks[2]: path data/test.jsonl looks like a test split" in err and "Traceback" not in err
+    assert not (micro_recipe_file.parent / "run").exists()
