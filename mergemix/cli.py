@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("propose", "train experts, search mixtures, write proposal.json"),
+                        ("evaluate", "score the base and every expert on every benchmark metric"),
                         ("validate", "check a recipe and print it with every default filled in"),
                         ("report", "train real models on a few mixtures and show how well the merged proxy ranks "
                                    "them: report/index.html, report.md, consistency.json")):
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_chars=1000000")
         if name in ("propose", "report"):
             s.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+        if name == "evaluate":
+            s.add_argument("--stability", action="store_true",
+                           help="also score the path base → expert (t = 0, .25, .5, .75, 1) and print Kendall tau "
+                           "of every metric along it; writes stability.json")
     return p
 
 
@@ -61,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result.data, indent=2, sort_keys=True) if args.json else f"\n{result.summary()}")
             print(f"\nwrote {recipe.resolved_run_dir() / 'report' / 'index.html'} in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr if args.json else sys.stdout)
+            return 0
+        if args.command == "evaluate":
+            from mergemix.evaluate.stability import STEPS, evaluate_paths
+
+            report = evaluate_paths(recipe, STEPS if args.stability else (0.0, 1.0))
+            print()
+            print(report.scores_table())
+            if args.stability:
+                print()
+                print(report.table())
+            print(f"\nwrote {recipe.resolved_run_dir() / 'stability.json'} in {time.perf_counter() - start:.0f} s")
             return 0
         from mergemix.pipeline import propose
 

@@ -106,10 +106,11 @@ def prepare_base_and_data(ws: Workspace) -> None:
 
 def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
     """What a model's raw scores depend on besides the model: each benchmark's data and scoring fields.
-    Objective weights, capability groups and metric choice are left out: they are recomputed from the raw
-    scores, so re-weighting an objective re-uses every evaluation already made."""
+    Objective weights, capability groups, metric choice and ceiling are left out: they are recomputed from
+    the raw scores, so re-weighting an objective re-uses every evaluation already made."""
     benches = [
-        [b.name, b.kind, b.domain, b.text_field, b.max_items, stable_hash(ws.benchmark_data[b.name])]
+        [b.model_dump(mode="json", exclude={"metric", "capability", "ceiling", "allow_test_split"}),
+         stable_hash(ws.benchmark_data[b.name])]
         for b in recipe.evaluation.benchmarks
     ]
     return stable_hash([recipe.data.seq_len, benches])
@@ -214,6 +215,8 @@ def run_proposal(ws: Workspace) -> Proposed:
             surrogate=recipe.search.surrogate,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
+            weights=result.objective.weights(),
+            normalization=result.objective.references(),
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

@@ -57,6 +57,9 @@ class Proposal(_Frozen):
     surrogate: str
     surrogate_loo_rmse: dict[str, float]
     n_trials: int
+    weights: dict[str, float] = {}  # objective weight per capability group
+    # benchmark → metric, capability, and the metric values normalized to 0 and to 1
+    normalization: dict[str, dict[str, str | float]] = {}
 
     def table(self) -> str:
         """Mixture and objective comparison, as plain text."""

@@ -168,11 +168,13 @@ class ExpertSpec(_Model):
 
 
 class BenchmarkSpec(_Model):
-    """A scored task. Kinds: `perplexity` (held-out loss on text; lower is better) and `multiple_choice`
-    (jsonl lines with `question`, `choices`, `answer` index, scored by log-likelihood)."""
+    """A scored task. Kinds: `perplexity` (held-out loss on text; lower is better), `multiple_choice`
+    (jsonl lines with `question`, `choices`, `answer` index, optional `blank`; scored by log-likelihood)
+    and `generation` (jsonl lines with `question` and `answer` or `answers`; greedy answers after a few
+    in-context examples, scored by exact match and token F1)."""
 
     name: str = Field(..., pattern=NAME, description="benchmark name (letters, digits, _ -)")
-    kind: str = Field(..., description="benchmark kind: perplexity | multiple_choice")
+    kind: str = Field(..., description="benchmark kind: perplexity | multiple_choice | generation")
     path: str | None = Field(
         None, description="data file (jsonl/json/parquet/text) or `builtin:NAME`; for perplexity, "
         "alternatively `domain`"
@@ -185,12 +187,44 @@ class BenchmarkSpec(_Model):
     text_field: str = Field("text", description="perplexity: field holding the text in jsonl/json/parquet")
     metric: str | None = Field(
         None,
-        description="metric that enters the objective: perplexity: loss; multiple_choice: acc | acc_norm | "
-        "score (mean log-prob per token of the correct option minus that of the wrong ones). Default: "
-        "loss / score",
+        description="metric that enters the objective. perplexity: loss. multiple_choice: score (mean "
+        "log-prob per token of the correct option minus the mean of the wrong ones) | margin (minus the best "
+        "wrong one) | acc | acc_norm (per character) | blank_ppl (each option put into the blank of a cloze "
+        "text, best mean log-prob per token from the blank on). generation: exact_match | f1. Default: the "
+        "first of each list",
     )
     capability: str = Field("general", description="capability group the benchmark belongs to")
     max_items: int | None = Field(None, gt=0, description="score at most this many items (blocks for perplexity)")
+    ceiling: float | None = Field(
+        None,
+        description="metric value that normalizes to 1 (e.g. a strong model's accuracy). Default: 1 for "
+        "accuracy-type metrics (chance → 0); for continuous ones the base → 0 and one unit is the spread "
+        "of base and experts",
+    )
+    allow_test_split: bool = Field(
+        False, description="allow optimizing on a file that looks like a test split (see README: split guard)"
+    )
+    question_template: str | None = Field(
+        None,
+        description="text built from each item's `{question}`: for multiple_choice the context each option "
+        "follows after a space (default `{question}`); for generation the prompt of each question and shot "
+        "(default `Question: {question}\\nAnswer:`)",
+    )
+    blank_template: str = Field(
+        "{question} ___",
+        description="multiple_choice blank_ppl: cloze text of items without a `blank` field; `___` or "
+        "`{blank}` marks where each option goes",
+    )
+    instruction: str = Field(
+        "Answer each question with a short answer.",
+        description="generation: the one-line light instruction above the in-context examples (ICLiP)",
+    )
+    shots: int = Field(
+        3, ge=0, description="generation: in-context examples, drawn with the recipe seed from the file and "
+        "held out of the scored items"
+    )
+    stop: list[str] = Field(["\n"], description="generation: the answer ends before the first of these strings")
+    max_new_tokens: int = Field(16, gt=0, description="generation: most tokens generated per answer")
 
     @field_validator("kind")
     @classmethod
@@ -215,6 +249,27 @@ class BenchmarkSpec(_Model):
         metrics = BENCHMARKS.get(self.kind).metrics
         if self.metric is not None and self.metric not in metrics:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(metrics)} for kind {self.kind}")
+        for fields, kind in ((("blank_template",), "multiple_choice"),
+                             (("instruction", "shots", "stop", "max_new_tokens"), "generation"),
+                             (("question_template",), ("multiple_choice", "generation"))):
+            stray = [f for f in fields if self.kind not in kind and getattr(self, f) != type(self).model_fields[f].default]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} is not used by kind {self.kind}")
+        if self.question_template is not None and "{question}" not in self.question_template:
+            raise ValueError("question_template must contain {question}")
+        if "___" not in self.blank_template and "{blank}" not in self.blank_template:
+            raise ValueError("blank_template must contain ___ or {blank} where each option goes")
+        from mergemix.evaluate.objective import CHANCE_METRICS
+
+        if self.ceiling is not None and self.objective_metric in CHANCE_METRICS and not 0 < self.ceiling <= 1:
+            raise ValueError(f"ceiling of {self.objective_metric} must lie in (0, 1], got {self.ceiling}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        if self.path and not self.allow_test_split and (part := looks_like_test_split(self.path)):
+            raise ValueError(
+                f"path {self.path} looks like a test split ({part!r}): choosing a mixture by its test score "
+                "leaks the test set into the choice. Point at a validation split, or set allow_test_split: true"
+            )
         return self
 
     @property
@@ -222,6 +277,23 @@ class BenchmarkSpec(_Model):
         from mergemix.evaluate import BENCHMARKS
 
         return self.metric or BENCHMARKS.get(self.kind).metrics[0]
+
+
+def looks_like_test_split(path: str) -> str | None:
+    """The part of `path` that marks it as a test split, or None. A directory named `test` or ending in
+    `_test`/`-test`, or a file whose stem (before the first dot) is `test`, ends in `_test`/`-test` or starts
+    with `test-`/`test_` (Hugging Face shards: `test-00000-of-00001.parquet`). `builtin:` corpora never are."""
+    if path.startswith("builtin:"):
+        return None
+    *dirs, file = Path(path).parts or ("",)
+    stem = file.split(".")[0].lower()
+    for d in dirs:
+        low = d.lower()
+        if low == "test" or low.endswith(("_test", "-test")):
+            return d
+    if stem == "test" or stem.endswith(("_test", "-test")) or stem.startswith(("test-", "test_")):
+        return file
+    return None
 
 
 class EvalSpec(_Model):

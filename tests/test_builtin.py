@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mergemix.data.builtin import BUILTINS, _stdlib_files, materialize
+from mergemix.evaluate.generation import load_generation_items
 from mergemix.evaluate.kinds import load_mc_items
 
 
@@ -52,7 +53,17 @@ def test_code_has_no_docstrings_and_prose_is_docs(cache: Path) -> None:
 def test_word_problems_mc_is_well_formed(cache: Path) -> None:
     items = load_mc_items("builtin:word_problems_mc", cache)
     assert len(items) == 400
-    for _, question, choices, answer in items:
+    for _, question, choices, answer, _ in items:
         assert question.endswith(" =") and len(set(choices)) == 4
         work = question.rpartition("Answer: ")[2].removesuffix(" =")
         assert eval(work) == int(choices[answer])  # noqa: S307 - generated arithmetic like "12 + 7"
+
+
+def test_word_problems_gen_is_well_formed(cache: Path) -> None:
+    items = load_generation_items("builtin:word_problems_gen", cache)
+    assert len(items) == 200
+    mc = {q for _, q, _, _, _ in load_mc_items("builtin:word_problems_mc", cache)}
+    for it in items:
+        work = it.question.rpartition("Answer: ")[2].removesuffix(" =")
+        assert eval(work) == int(it.answers[0])  # noqa: S307 - generated arithmetic like "12 + 7"
+        assert it.question not in mc

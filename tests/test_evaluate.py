@@ -9,7 +9,15 @@ import torch
 
 from mergemix.errors import MergemixError
 from mergemix.evaluate import EvalContext, Objective
-from mergemix.evaluate.kinds import MultipleChoice, Perplexity
+from mergemix.evaluate.generation import Generation, greedy_generate
+from mergemix.evaluate.kinds import (
+    MultipleChoice,
+    Perplexity,
+    Request,
+    _score_shared,
+    _score_whole,
+    score_requests,
+)
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 
@@ -65,6 +73,11 @@ def test_multiple_choice_matches_unbatched_scoring(tiny_lm: tuple[Any, Any], tmp
         ('{"question": "q", "choices": ["a", "b"], "answer": 2}', r"mc.jsonl:2: answer must be an index .*got 2"),
         ('{"question": "q", "choices": ["a"], "answer": 0}', r"mc.jsonl:2: choices must be a list of two or more"),
         ('{"question": "q", "choices": ["a", "b"], "answer": 0', r"mc.jsonl:2: not valid JSON"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 0, "blank": "no marker"}',
+         r"mc.jsonl:2: blank must be text with a ___ or \{blank\} marker"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 0, "blank": 3}', r"mc.jsonl:2: blank must be text"),
+        ('{"choices": ["a", "b"], "answer": 0}', r"mc.jsonl:2: missing field question"),
+        ('["q", ["a", "b"], 0]', r"mc.jsonl:2: expected an object"),
     ],
 )
 def test_malformed_multiple_choice_names_line(tmp_path: Path, line: str, pattern: str) -> None:
@@ -111,3 +124,193 @@ def test_objective_keeps_its_sign_when_every_expert_is_worse_than_the_base() -> 
     obj = Objective.from_references(spec, base, [{"ppl": {"loss": 4.2}}, {"ppl": {"loss": 5.0}}])
     assert obj({"ppl": {"loss": 3.9}})[2] == pytest.approx(0.1)  # better than the base: positive
     assert obj({"ppl": {"loss": 5.0}})[2] == pytest.approx(-1.0)
+
+
+class CharTokenizer:
+    """One token per character (its code point); 0 is end of text."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i)
+
+
+class Bigram(torch.nn.Module):
+    """A model whose next-token logits depend on the current token only: table[current] (128 x 128)."""
+
+    def __init__(self, pairs: dict[str, dict[str, float]]) -> None:
+        super().__init__()
+        table = torch.full((128, 128), -10.0)
+        for cur, nxt in pairs.items():
+            for tok, logit in nxt.items():
+                table[ord(cur), ord(tok)] = logit
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        return type("Out", (), {"logits": self.table[input_ids], "past_key_values": None})()
+
+
+def test_blank_ppl_uses_the_text_after_the_blank(tmp_path: Path) -> None:
+    # After "x", "a" and "b" are equally likely; only "a" is followed well by "c". After a space (the
+    # plain continuation of acc) the model prefers "b": acc must miss and blank_ppl must hit.
+    model = Bigram({"x": {"a": 0.0, "b": 0.0, " ": 0.0}, "a": {"c": 5.0}, "b": {"c": -5.0}, " ": {"b": 3.0}})
+    items = [{"question": "x", "choices": ["a", "b"], "answer": 0, "blank": "x___c"},
+             {"question": "x", "choices": ["b", "a"], "answer": 1, "blank": "x{blank}c"}]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    result = MultipleChoice(spec, _ctx(CharTokenizer(), tmp_path), MultipleChoice.read(spec, tmp_path)).score(model)
+    assert result["blank_ppl"] == 1.0 and result["acc"] == 0.0
+    assert result["margin"] == pytest.approx(result["score"])  # two options: the mean wrong is the best wrong
+
+
+def test_blank_template_at_the_end_scores_the_option_per_token(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    """The default cloze text is the question with the blank at its end: one request per option, shared
+    with acc's, and blank_ppl is the accuracy of the best mean log-prob per token."""
+    model, tok = tiny_lm
+    items = [{"question": "the quick", "choices": ["fox", "dog jumps", "0"], "answer": 1},
+             {"question": "1 + 2 =", "choices": ["3", "4 4 4 4"], "answer": 0}]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    bench = MultipleChoice(spec, _ctx(tok, tmp_path), MultipleChoice.read(spec, tmp_path))
+    assert len(bench.requests) == 5
+    expected = []
+    for it in items:
+        per_tok = [s / n for s, n in (_direct_logprob(model, tok, it["question"], c) for c in it["choices"])]
+        expected.append(float(per_tok.index(max(per_tok)) == it["answer"]))
+    assert bench.score(model)["blank_ppl"] == pytest.approx(sum(expected) / 2)
+
+
+def _gen_file(tmp_path: Path, lines: list[Any], name: str = "gen.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return p
+
+
+# After "Answer:" this model says " 42" and a newline, then "Q" forever.
+FORTY_TWO = {":": {" ": 5.0}, " ": {"4": 5.0}, "4": {"2": 5.0}, "2": {"\n": 5.0}, "\n": {"Q": 5.0}, "Q": {"Q": 5.0}}
+
+
+def _generation(tmp_path: Path, items: list[Any], **fields: Any) -> Generation:
+    spec = BenchmarkSpec(name="gen", kind="generation", path=str(_gen_file(tmp_path, items)), **fields)
+    return Generation(spec, _ctx(CharTokenizer(), tmp_path), Generation.read(spec, tmp_path))
+
+
+def test_generation_exact_match_and_f1(tmp_path: Path) -> None:
+    items = [{"question": f"q{i}", "answers": ["42", "forty-two"]} for i in range(3)]
+    items += [{"question": "q3", "answer": "The 42."}, {"question": "q4", "answer": "43"},
+              {"question": "q5", "answer": "42 apples"}]
+    bench = _generation(tmp_path, items, shots=0)
+    assert bench.answers(Bigram(FORTY_TWO)) == ["42"] * 6
+    result = bench.score(Bigram(FORTY_TWO))
+    assert result["exact_match"] == pytest.approx(4 / 6)  # "The 42." normalizes to "42"
+    assert result["f1"] == pytest.approx((4 + 2 / 3) / 6)  # "42" vs "42 apples": precision 1, recall 1/2
+    assert result["chance"] == 0.0
+
+
+def test_generation_stops_at_stop_strings_and_max_new_tokens(tmp_path: Path) -> None:
+    items = [{"question": f"q{i}", "answer": "4"} for i in range(3)]
+    assert _generation(tmp_path, items, shots=0, stop=["2"]).answers(Bigram(FORTY_TWO)) == ["4"] * 3
+    assert _generation(tmp_path, items, shots=0, stop=["x"], max_new_tokens=6).answers(Bigram(FORTY_TWO)) == [
+        "42\nQQ"] * 3  # " 42\nQQ" is six tokens, stripped
+
+
+def test_generation_shots_are_never_scored_items(tmp_path: Path) -> None:
+    items = [{"question": f"question {i}?", "answer": f"a{i}"} for i in range(12)]
+    bench = _generation(tmp_path, items, shots=3, max_items=5, instruction="Be brief.")
+    header = CharTokenizer().decode(bench.prompts[0]).rpartition("Question: ")[0]
+    assert header.startswith("Be brief.\n\n") and header.count("Question: ") == 3
+    shot_questions = {s.question for s in bench.shots}
+    assert len(shot_questions) == 3 and len(bench.items) == 5
+    for it, prompt in zip(bench.items, bench.prompts, strict=True):
+        assert it.question not in shot_questions
+        text = CharTokenizer().decode(prompt)
+        assert text.startswith(header) and text.endswith(f"Question: {it.question}\nAnswer:")
+    for s in bench.shots:
+        assert f"Question: {s.question}\nAnswer: {s.answers[0]}\n\n" in header
+
+
+def test_greedy_generation_with_cache_matches_without(tiny_lm: tuple[Any, Any]) -> None:
+    model, tok = tiny_lm
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs: Any) -> Any:
+            return self.inner(**{**kwargs, "use_cache": False})
+
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the quick brown", "1 + 2 = 3 and 4 + 5", "dog")]
+    batched = greedy_generate(model, tok, prompts, 6, ["\n"])
+    assert batched == greedy_generate(NoCache(model), tok, prompts, 6, ["\n"])
+    assert batched == [greedy_generate(model, tok, [p], 6, ["\n"])[0] for p in prompts]  # padding changes nothing
+
+
+@pytest.mark.parametrize(
+    ("line", "pattern"),
+    [
+        ('{"question": "q"}', r"gen.jsonl:2: missing field answer"),
+        ('{"answer": "b"}', r"gen.jsonl:2: missing field question"),
+        ('{"question": "q", "answer": ""}', r"gen.jsonl:2: empty answer"),
+        ('{"question": "q", "answer": "The."}', r"gen.jsonl:2: empty answer"),
+        ('{"question": "q", "answers": []}', r"gen.jsonl:2: answer must be text"),
+        ('{"question": "q", "answer": 3}', r"gen.jsonl:2: answer must be text"),
+        ('{"question": "", "answer": "b"}', r"gen.jsonl:2: question must be non-empty"),
+    ],
+)
+def test_malformed_generation_names_line(tmp_path: Path, line: str, pattern: str) -> None:
+    good = {"question": "q", "answer": "b"}
+    spec = BenchmarkSpec(name="gen", kind="generation", path=str(_gen_file(tmp_path, [good, line, good])), shots=0)
+    with pytest.raises(MergemixError, match=pattern):
+        Generation.read(spec, tmp_path)
+
+
+def test_generation_needs_items_beyond_its_shots(tmp_path: Path) -> None:
+    spec = BenchmarkSpec(name="gen", kind="generation", shots=3,
+                         path=str(_gen_file(tmp_path, [{"question": "q", "answer": "b"}] * 4)))
+    with pytest.raises(MergemixError, match=r"gen.jsonl: 4 items; 3 are held out .* lower shots"):
+        Generation.read(spec, tmp_path)
+
+
+def test_objective_ceiling_maps_to_one_and_chance_to_zero() -> None:
+    spec = EvalSpec(benchmarks=[
+        BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="blank_ppl", ceiling=0.75),
+        BenchmarkSpec(name="gen", kind="generation", path="y", metric="f1"),
+        BenchmarkSpec(name="ppl", kind="perplexity", domain="d", ceiling=2.0),
+    ])
+    base = {"mc": {"blank_ppl": 0.25, "chance": 0.25}, "gen": {"f1": 0.1, "chance": 0.0}, "ppl": {"loss": 4.0}}
+    obj = Objective.from_references(spec, base, [{**base, "ppl": {"loss": 3.9}}])
+    norm = obj.normalized({"mc": {"blank_ppl": 0.5}, "gen": {"f1": 0.4}, "ppl": {"loss": 3.0}})
+    assert norm == {"mc": pytest.approx(0.5), "gen": pytest.approx(0.4), "ppl": pytest.approx(0.5)}
+    refs = obj.references()  # written to proposal.json, in each metric's own units
+    assert refs["ppl"] == {"metric": "loss", "capability": "general", "zero": 4.0, "one": 2.0}
+    assert (refs["mc"]["zero"], refs["mc"]["one"], refs["gen"]["zero"]) == (0.25, 0.75, 0.0)
+    assert obj.weights() == {"general": 1.0}
+
+
+def test_objective_rejects_a_ceiling_below_the_zero_point() -> None:
+    spec = EvalSpec(benchmarks=[BenchmarkSpec(name="ppl", kind="perplexity", domain="d", ceiling=4.5)])
+    with pytest.raises(MergemixError, match=r"'ppl': ceiling 4.5 is no better than .* \(4, the base\)"):
+        Objective.from_references(spec, {"ppl": {"loss": 4.0}}, [{"ppl": {"loss": 3.0}}])
+    with pytest.raises(ValueError, match=r"ceiling of acc must lie in \(0, 1\], got 80"):
+        BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="acc", ceiling=80)
+
+
+def test_shared_context_scoring_matches_whole_sequences(tiny_lm: tuple[Any, Any]) -> None:
+    """Contexts run once with their cache copied to each continuation score what whole sequences score,
+    including a request scored from its first token on (nothing to predict it from: it is skipped)."""
+    model, tok = tiny_lm
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tok(text, add_special_tokens=False)["input_ids"])
+
+    texts = [("the quick brown", " fox"), ("the quick brown", " dog jumps over"), ("1 + 2 =", " 3"),
+             ("", "lazy dog"), ("over the lazy dog and the quick brown", " fox")]
+    requests = [Request(ids(c + o), len(ids(c + o)) - len(ids(c))) for c, o in texts]
+    shared = score_requests(model, requests, batch_size=2)
+    whole = _score_whole(model, [r.ids for r in requests], [min(r.n, len(r.ids) - 1) for r in requests])
+    assert [n for _, n in shared] == [n for _, n in whole]
+    assert [lp for lp, _ in shared] == pytest.approx([lp for lp, _ in whole], abs=1e-4)
+    assert _score_shared(model, [ids("1 + 2 =")], [0, 0], [ids(" 3"), ids(" 4")]) is not None  # the cached path ran

@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from mergemix.errors import MergemixError
-from mergemix.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
+from mergemix.recipe import Recipe, dump_recipe, load_recipe, looks_like_test_split, recipe_from_dict
 
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
 
@@ -124,4 +124,52 @@ def test_base_share_defaults_to_zero_with_a_checkpoint(micro_recipe_file: Path, 
     assert recipe_from_dict(raw).data.split.base == 0.5
     raw["data"]["split"]["base"] = 0
     with pytest.raises(MergemixError, match="data.split.base is 0, but the demo base"):
+        recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("path", "part"),
+    [
+        ("data/test.jsonl", "test.jsonl"),
+        ("data/test/quiz.jsonl", "test"),
+        ("/eval/quiz_test.jsonl", "quiz_test.jsonl"),
+        ("/eval/quiz-TEST/part.parquet", "quiz-TEST"),
+        ("/hf/quiz/test-00000-of-00001.parquet", "test-00000-of-00001.parquet"),
+        ("data/validation.jsonl", None),
+        ("data/contest.jsonl", None),
+        ("data/latest/testing.jsonl", None),
+        ("builtin:test", None),
+    ],
+)
+def test_split_guard_rule(path: str, part: str | None) -> None:
+    assert looks_like_test_split(path) == part
+
+
+def test_split_guard_refuses_test_files_unless_allowed(micro_recipe_file: Path) -> None:
+    raw = yaml.safe_load(micro_recipe_file.read_text())
+    raw["evaluation"]["benchmarks"][2]["path"] = "/eval/test/quiz.jsonl"
+    with pytest.raises(MergemixError, match=r"evaluation.benchmarks\[2\]: path /eval/test/quiz.jsonl looks like a "
+                       r"test split \('test'\).*validation split, or set allow_test_split: true"):
+        recipe_from_dict(raw)
+    raw["evaluation"]["benchmarks"][2]["allow_test_split"] = True
+    assert recipe_from_dict(raw).evaluation.benchmarks[2].allow_test_split
+
+
+@pytest.mark.parametrize(
+    ("bench", "pattern"),
+    [
+        ({"kind": "perplexity", "domain": "math", "shots": 2}, r"shots is not used by kind perplexity"),
+        ({"kind": "generation", "path": "q.jsonl", "blank_template": "{question} ___ ."},
+         r"blank_template is not used by kind generation"),
+        ({"kind": "multiple_choice", "path": "q.jsonl", "blank_template": "{question}"},
+         r"blank_template must contain ___ or \{blank\}"),
+        ({"kind": "generation", "path": "q.jsonl", "question_template": "Q:"}, r"question_template must contain \{question\}"),
+        ({"kind": "generation", "path": "q.jsonl", "stop": [""]}, r"stop strings must not be empty"),
+        ({"kind": "generation", "path": "q.jsonl", "metric": "acc"}, r"metric 'acc' is not one of exact_match, f1"),
+    ],
+)
+def test_benchmark_fields_are_checked(micro_recipe_file: Path, bench: dict, pattern: str) -> None:
+    raw = yaml.safe_load(micro_recipe_file.read_text())
+    raw["evaluation"]["benchmarks"][2] = {"name": "b", **bench}
+    with pytest.raises(MergemixError, match=r"evaluation.benchmarks\[2\]: " + pattern):
         recipe_from_dict(raw)

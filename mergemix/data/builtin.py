@@ -13,6 +13,8 @@ them is something the domain list alone does not tell):
   word_problems      short stories about the invented towns and people with the arithmetic worked out
                      (facts + math)
   word_problems_mc   the same kind of problems as multiple choice: which number ends the worked answer
+  word_problems_gen  the same kind of problems as open questions (generation): the number that ends the
+                     worked answer
 
 Modules are divided between training and the target by a hash of their path, so no target text is ever
 a training text. Each corpus is written once as jsonl into the cache and then read like user data.
@@ -278,3 +280,10 @@ def _word_problems_mc() -> Records:
         out.append({"question": f"{story} {question}\nAnswer: {work} =", "choices": choices,
                     "answer": choices.index(str(answer))})
     return out
+
+
+@BUILTINS.register("word_problems_gen")
+def _word_problems_gen() -> Records:
+    """As word_problems_mc, with the number to be generated: the worked expression ends the question."""
+    return [{"question": f"{story} {question}\nAnswer: {work} =", "answer": str(answer)}
+            for story, question, answer, work in _problems(seed=6, n=200)]

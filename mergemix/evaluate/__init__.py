@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mergemix.errors import MergemixError
+from mergemix.evaluate import generation as _generation  # noqa: F401  (registers the generation kind)
 from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext
 from mergemix.evaluate.lmeval import LmEval  # noqa: F401  (registers kind lm_eval; lm-eval itself loads lazily)
 from mergemix.evaluate.objective import Objective

@@ -1,4 +1,6 @@
-"""Benchmark kinds: perplexity (held-out loss) and multiple choice (log-likelihood of each option).
+"""Benchmark kinds: perplexity (held-out loss) and multiple choice (log-likelihood of each option, plain
+and in a cloze text); generation lives in `generation.py`. `score_requests` is the batched log-likelihood
+scorer of multiple choice, running each shared context once.
 
 Every kind is built once per run (data read and tokenized once) and then scores any model: `score(model)`
 returns each metric's value and its standard error over items (`<metric>_se`), so a user can compare the
@@ -10,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,17 +124,30 @@ class Perplexity(Benchmark):
         return {"loss": mean, "loss_se": se, "n": float(len(self.blocks))}
 
 
-@dataclass(frozen=True)
-class MCItem:
-    sequences: list[list[int]]  # question + option, tokenized whole, one per option
-    option_tokens: list[int]  # how many trailing tokens of each sequence are the option
-    option_chars: list[int]
+class MCRecord(NamedTuple):
+    """One multiple-choice item as read from its file (`where` is `file:line`, for error messages)."""
+
+    where: str
+    question: str
+    choices: list[str]
     answer: int
+    blank: str | None = None  # cloze text with one ___ or {blank} marker, for blank_ppl
 
 
-def load_mc_items(path: str, cache_dir: Path) -> list[tuple[str, str, list[str], int]]:
-    """(location, question, choices, answer) from a multiple-choice file; a malformed line is an error
-    naming the file and line."""
+BLANK_MARKERS = ("{blank}", "___")
+
+
+def _split_blank(text: str) -> tuple[str, str] | None:
+    """(text before, text after) the first blank marker, or None when there is none."""
+    for marker in BLANK_MARKERS:
+        if marker in text:
+            before, _, after = text.partition(marker)
+            return before, after
+    return None
+
+
+def load_mc_items(path: str, cache_dir: Path) -> list[MCRecord]:
+    """The items of a multiple-choice file; a malformed line is an error naming the file and line."""
     items = []
     for file in resolve_paths(path, cache_dir):
         for where, rec in read_records(file, "auto"):
@@ -140,99 +156,216 @@ def load_mc_items(path: str, cache_dir: Path) -> list[tuple[str, str, list[str],
             missing = [k for k in ("question", "choices", "answer") if k not in rec]
             if missing:
                 raise MergemixError(f"{where}: missing field {', '.join(missing)} (need question, choices, answer)")
-            q, choices, answer = rec["question"], rec["choices"], rec["answer"]
+            q, choices, answer, blank = rec["question"], rec["choices"], rec["answer"], rec.get("blank")
             if not isinstance(q, str):
                 raise MergemixError(f"{where}: question must be text, got {type(q).__name__}")
             if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
                 raise MergemixError(f"{where}: choices must be a list of two or more strings")
             if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
                 raise MergemixError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
-            items.append((where, q, choices, answer))
+            if blank is not None and (not isinstance(blank, str) or _split_blank(blank) is None):
+                raise MergemixError(f"{where}: blank must be text with a ___ or {{blank}} marker where each "
+                                    f"option goes, got {blank!r}")
+            items.append(MCRecord(where, q, choices, answer, blank))
     if len(items) < 2:
         raise MergemixError(f"{path}: {len(items)} multiple-choice items; at least 2 are needed")
     return items
 
 
+@dataclass(frozen=True)
+class MCItem:
+    """One tokenized item: indices into the benchmark's table of unique scoring requests."""
+
+    options: list[int]  # `context + " " + option`, scoring the option's tokens (acc, acc_norm, score, margin)
+    blanks: list[int]  # each option in the blank of the cloze text, scoring from the blank on (blank_ppl)
+    option_chars: list[int]
+    answer: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """A token sequence whose last `n` tokens are scored (sum of log-probabilities)."""
+
+    ids: tuple[int, ...]
+    n: int
+
+
+def score_requests(model: torch.nn.Module, requests: Sequence[Request], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log-probs of the scored tokens, their count) of every request.
+
+    Requests whose unscored prefixes are equal (the options of one item: same context) share one forward
+    pass of that prefix: prefixes run once, left-padded, longest first, and their key/value cache is copied
+    to each continuation, so an item with four 2-token options over a 45-token question costs ~53 token
+    positions instead of ~190. A model that returns no cache gets every sequence whole (`_score_whole`).
+    Only the scored positions go through log_softmax. Sequences longer than the model's context keep their
+    last tokens.
+    """
+    max_len = max_positions(model) or 2048
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, req in enumerate(requests):
+        ids = req.ids[-max_len:]
+        n = min(req.n, len(ids) - 1)  # the first token has nothing before it to be scored from
+        groups.setdefault(ids[: len(ids) - n], []).append(i)
+    prefixes = sorted(groups, key=lambda p: (-len(p), groups[p][0]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+    for b in range(0, len(prefixes), batch_size):
+        chunk = prefixes[b : b + batch_size]
+        rows = [(g, i) for g, p in enumerate(chunk) for i in groups[p]]
+        conts = [requests[i].ids[-max_len:][len(chunk[g]) :] for g, i in rows]
+        scored = _score_shared(model, chunk, [g for g, _ in rows], conts)
+        if scored is None:
+            scored = _score_whole(model, [chunk[g] + c for (g, _), c in zip(rows, conts, strict=True)],
+                                  [len(c) for c in conts])
+        for (_, i), value in zip(rows, scored, strict=True):
+            out[i] = value
+    return out
+
+
+def _gather_logprobs(logits: torch.Tensor, rows: list[int], pos: list[int], target: list[int],
+                     counts: list[int]) -> list[tuple[float, int]]:
+    """Sums of log p(target) at (row, pos) of `logits`, in consecutive runs of `counts`."""
+    dev = logits.device
+    picked = logits[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)].float()
+    lp = torch.log_softmax(picked, dim=-1).gather(1, torch.tensor(target, device=dev)[:, None])[:, 0].cpu()
+    return [(part.sum().item(), n) for part, n in zip(lp.split(counts), counts, strict=True)]
+
+
+def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group: list[int],
+                  conts: list[tuple[int, ...]]) -> list[tuple[float, int]] | None:
+    """Continuations `conts[r]` after prefix `prefixes[group[r]]`, every continuation token scored; the
+    prefixes run once and their cache is shared. None when the model keeps no cache."""
+    dev = _device(model)
+    width = max(len(p) for p in prefixes)
+    ids = torch.zeros((len(prefixes), width), dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for g, p in enumerate(prefixes):
+        ids[g, width - len(p) :] = torch.tensor(p)
+        mask[g, width - len(p) :] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    cache = getattr(first, "past_key_values", None)
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        return None
+    index = torch.tensor(group, device=dev)
+    cache.reorder_cache(index)  # one copy of its prefix's cache per continuation
+    c_width = max(len(c) for c in conts)
+    c_ids = torch.zeros((len(conts), c_width), dtype=torch.long)
+    c_mask = torch.zeros((len(conts), c_width), dtype=torch.long)
+    for r, c in enumerate(conts):
+        c_ids[r, : len(c)] = torch.tensor(c)
+        c_mask[r, : len(c)] = 1
+    lengths = torch.tensor([len(prefixes[g]) for g in group], device=dev)
+    positions = lengths[:, None] + torch.arange(c_width, device=dev)[None]
+    logits = model(input_ids=c_ids.to(dev), attention_mask=torch.cat([mask[index], c_mask.to(dev)], dim=1),
+                   position_ids=positions, past_key_values=cache, use_cache=True).logits
+    # The first continuation token is predicted from the prefix's last position, the others from the
+    # continuation's own: one (rows x c_width + 1) table of logits covers both.
+    logits = torch.cat([first.logits[index, -1:], logits], dim=1)
+    rows, pos, target = [], [], []
+    for r, c in enumerate(conts):
+        rows += [r] * len(c)
+        pos += range(len(c))
+        target += c
+    return _gather_logprobs(logits, rows, pos, target, [len(c) for c in conts])
+
+
+def _score_whole(model: torch.nn.Module, seqs: list[tuple[int, ...]], ns: list[int]) -> list[tuple[float, int]]:
+    """The last `ns[r]` tokens of each of `seqs`, each sequence run whole (right-padded)."""
+    dev = _device(model)
+    ids = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
+    rows, pos, target = [], [], []
+    for r, (seq, n) in enumerate(zip(seqs, ns, strict=True)):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        rows += [r] * n
+        pos += range(len(seq) - n - 1, len(seq) - 1)
+        target += seq[len(seq) - n :]
+    return _gather_logprobs(model(input_ids=ids.to(dev)).logits, rows, pos, target, ns)
+
+
 @BENCHMARKS.register("multiple_choice")
 class MultipleChoice(Benchmark):
-    """Each option is scored by the log-likelihood of its tokens in `question + " " + option`.
+    """Each option is scored by the log-likelihood of its tokens in `context + " " + option`, the context
+    being the item's question through `question_template`.
 
     acc: the option with the highest total log-likelihood is right. acc_norm: the same, divided by the
     option's length in characters (as lm-eval). score: mean log-probability per token of the correct
-    option minus the mean of that of the wrong options; continuous, so it ranks weak models far more
-    stably than accuracy (FIELD_NOTES: ρ 0.64 vs ≈ 0 between two trainings of the same mixtures).
+    option minus the mean of that of the wrong options; margin: minus the best wrong one. Continuous, they
+    rank weak models far more stably than accuracy (FIELD_NOTES: ρ 0.64 vs ≈ 0 between two trainings of
+    the same mixtures). blank_ppl (BOSE, arXiv 2503.00812): each option is put into the blank of a cloze
+    text (the item's `blank`, else `blank_template`) and the completed text is scored by its mean
+    log-probability per token from the blank to the end, so the words after the blank weigh in; the best
+    is the model's answer. A blank at the very end scores the option alone, per token.
     """
 
-    metrics = ("score", "acc", "acc_norm")
-    higher_is_better = {"score": True, "acc": True, "acc_norm": True}
+    metrics = ("score", "acc", "acc_norm", "blank_ppl", "margin")
+    higher_is_better = {m: True for m in metrics}
 
     @staticmethod
-    def read(spec: BenchmarkSpec, cache_dir: Path) -> list[tuple[str, str, list[str], int]]:
+    def read(spec: BenchmarkSpec, cache_dir: Path) -> list[MCRecord]:
         assert spec.path is not None
         return load_mc_items(spec.path, cache_dir)
 
-    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: list[tuple[str, str, list[str], int]]) -> None:
+    def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: list[MCRecord]) -> None:
         super().__init__(spec, ctx, data)
         raw = data
         if spec.max_items is not None and len(raw) > spec.max_items:
             raw = random.Random(ctx.seed).sample(raw, spec.max_items)
-        self.items = [self._tokenize(q, choices, answer) for _, q, choices, answer in raw]
-        self.chance = sum(1 / len(it.sequences) for it in self.items) / len(self.items)
+        self._index: dict[Request, int] = {}
+        self.requests: list[Request] = []
+        self.items = [self._tokenize(rec) for rec in raw]
+        self.chance = sum(1 / len(it.options) for it in self.items) / len(self.items)
 
-    def _tokenize(self, question: str, choices: list[str], answer: int) -> MCItem:
-        """Each option is scored inside the tokenization of the whole text `question + " " + option`; its
-        tokens are those beyond the question's own token count (lm-eval's rule). Tokenizing an option on
-        its own would add a word-start marker for SentencePiece models."""
-        def ids(text: str) -> list[int]:
-            return self.ctx.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    def _ids(self, text: str) -> list[int]:
+        return self.ctx.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
 
-        n_context = len(ids(question))
-        sequences = [ids(f"{question} {c}") for c in choices]
+    def _request(self, text: str, prefix: str) -> int:
+        """Index of the request scoring what `text`, tokenized whole, has beyond `prefix`'s own tokens;
+        identical requests (a blank at the end of the question) are scored once."""
+        ids = self._ids(text)
+        req = Request(tuple(ids), max(1, len(ids) - len(self._ids(prefix))))
+        if req not in self._index:
+            self._index[req] = len(self.requests)
+            self.requests.append(req)
+        return self._index[req]
+
+    def _tokenize(self, rec: MCRecord) -> MCItem:
+        """Each option is scored inside the tokenization of the whole text; its tokens are those beyond the
+        context's own token count (lm-eval's rule). Tokenizing an option on its own would add a word-start
+        marker for SentencePiece models. For the cloze text, whitespace before the blank goes with the
+        option, as the space before an option does."""
+        template = self.spec.question_template or "{question}"
+        context = template.replace("{question}", rec.question)
+        cloze = rec.blank or self.spec.blank_template.replace("{question}", rec.question)
+        parts = _split_blank(cloze)
+        assert parts is not None  # checked when the file and the recipe were read
+        before, after = parts
         return MCItem(
-            sequences=sequences,
-            option_tokens=[max(1, len(seq) - n_context) for seq in sequences],
-            option_chars=[len(c) for c in choices],
-            answer=answer,
+            options=[self._request(f"{context} {c}", context) for c in rec.choices],
+            blanks=[self._request(f"{before}{c}{after}", before.rstrip()) for c in rec.choices],
+            option_chars=[len(c) for c in rec.choices],
+            answer=rec.answer,
         )
 
-    @torch.no_grad()
-    def _option_logprobs(self, model: torch.nn.Module) -> list[list[tuple[float, int]]]:
-        """(sum of log-probs, token count) of every option of every item, in length-sorted batches."""
-        max_len = max_positions(model) or 2048
-        requests = []
-        for i, it in enumerate(self.items):
-            for j, (seq, n) in enumerate(zip(it.sequences, it.option_tokens, strict=True)):
-                ids = seq[-max_len:]
-                requests.append((i, j, ids, min(n, len(ids) - 1)))
-        requests.sort(key=lambda r: -len(r[2]))
-        out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(it.sequences) for it in self.items]
-        dev = _device(model)
-        bs = self.ctx.batch_size
-        for b in range(0, len(requests), bs):
-            chunk = requests[b : b + bs]
-            width = len(chunk[0][2])
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (_, _, seq, _) in enumerate(chunk):
-                ids[r, : len(seq)] = torch.tensor(seq)
-            logprobs = torch.log_softmax(model(input_ids=ids.to(dev)).logits.float(), dim=-1).cpu()
-            for r, (i, j, seq, n) in enumerate(chunk):
-                pos = torch.arange(len(seq) - n - 1, len(seq) - 1)
-                target = torch.tensor(seq[len(seq) - n :])
-                out[i][j] = (logprobs[r, pos, target].sum().item(), n)
-        return out
-
     def score(self, model: torch.nn.Module) -> dict[str, float]:
-        scored = self._option_logprobs(model)
-        acc, acc_norm, margin = [], [], []
-        for it, opts in zip(self.items, scored, strict=True):
-            total = [lp for lp, _ in opts]
-            per_tok = [lp / max(n, 1) for lp, n in opts]
+        scored = score_requests(model, self.requests, self.ctx.batch_size)
+        values: dict[str, list[float]] = {m: [] for m in self.metrics}
+        for it in self.items:
+            total = [scored[r][0] for r in it.options]
+            per_tok = [scored[r][0] / max(scored[r][1], 1) for r in it.options]
             per_char = [lp / max(c, 1) for lp, c in zip(total, it.option_chars, strict=True)]
-            acc.append(float(max(range(len(total)), key=total.__getitem__) == it.answer))
-            acc_norm.append(float(max(range(len(per_char)), key=per_char.__getitem__) == it.answer))
+            cloze = [scored[r][0] / max(scored[r][1], 1) for r in it.blanks]
             wrong = [v for k, v in enumerate(per_tok) if k != it.answer]
-            margin.append(per_tok[it.answer] - sum(wrong) / len(wrong))
+            values["acc"].append(float(_argmax(total) == it.answer))
+            values["acc_norm"].append(float(_argmax(per_char) == it.answer))
+            values["blank_ppl"].append(float(_argmax(cloze) == it.answer))
+            values["score"].append(per_tok[it.answer] - sum(wrong) / len(wrong))
+            values["margin"].append(per_tok[it.answer] - max(wrong))
         result = {"n": float(len(self.items)), "chance": self.chance}
-        for name, values in (("acc", acc), ("acc_norm", acc_norm), ("score", margin)):
-            result[name], result[f"{name}_se"] = _mean_se(torch.tensor(values))
+        for name, v in values.items():
+            result[name], result[f"{name}_se"] = _mean_se(torch.tensor(v))
         return result
+
+
+def _argmax(values: list[float]) -> int:
+    """Index of the largest value; the first one on ties (as max() picks)."""
+    return max(range(len(values)), key=values.__getitem__)

@@ -1,11 +1,13 @@
 """From raw benchmark scores to normalized capability scores and the objective.
 
 Normalization puts every benchmark on the same footing, higher is better:
-- accuracy metrics (acc, acc_norm): chance → 0, perfect → 1;
-- continuous metrics (loss, score): the base model → 0, and one unit is the spread of the metric over the
-  base and the experts (max − min). +0.5 means "better than the base by half of what separates the base
-  and the specialists". The spread is positive even where every expert is worse than the base (short
-  specialists forget), which a "best expert → 1" scale would turn upside down.
+- accuracy-type metrics (acc, acc_norm, blank_ppl, exact_match, f1): chance → 0 (the benchmark's
+  `chance`; 0 for generation), the benchmark's `ceiling` (default perfect, 1) → 1;
+- continuous metrics (loss, score, margin): the base model → 0, and one unit is the spread of the metric
+  over the base and the experts (max − min). +0.5 means "better than the base by half of what separates
+  the base and the specialists". The spread is positive even where every expert is worse than the base
+  (short specialists forget), which a "best expert → 1" scale would turn upside down. A `ceiling` given for
+  a continuous metric is the value mapped to 1 instead (the base still → 0).
 A capability's score is the mean over its benchmarks; the objective is the weighted mean over capabilities.
 """
 
@@ -14,17 +16,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import BENCHMARKS
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 Raw = Mapping[str, Mapping[str, float]]  # benchmark → metric → value
-CHANCE_METRICS = {"acc", "acc_norm"}
+CHANCE_METRICS = {"acc", "acc_norm", "blank_ppl", "exact_match", "f1"}
+
+
+def _sign(b: BenchmarkSpec) -> float:
+    """+1 where higher values of the benchmark's objective metric are better, -1 where lower are."""
+    return 1.0 if BENCHMARKS.get(b.kind).higher_is_better[b.objective_metric] else -1.0
 
 
 def _oriented(b: BenchmarkSpec, raw: Raw) -> float:
     """The benchmark's objective metric with its sign set so that higher is better."""
-    m = b.objective_metric
-    return (1.0 if BENCHMARKS.get(b.kind).higher_is_better[m] else -1.0) * raw[b.name][m]
+    return _sign(b) * raw[b.name][b.objective_metric]
 
 
 @dataclass(frozen=True)
@@ -40,13 +47,34 @@ class Objective:
     def from_references(cls, spec: EvalSpec, base: Raw, experts: Sequence[Raw]) -> Objective:
         refs = {}
         for b in spec.benchmarks:
-            m = b.objective_metric
-            if m in CHANCE_METRICS:
-                refs[b.name] = (base[b.name]["chance"], 1.0)
+            ceiling = None if b.ceiling is None else _sign(b) * b.ceiling
+            accuracy = b.objective_metric in CHANCE_METRICS
+            if accuracy:
+                lo = base[b.name].get("chance", 0.0)
+                refs[b.name] = (lo, 1.0 if ceiling is None else ceiling)
             else:
                 values = [_oriented(b, r) for r in (base, *experts)]
-                refs[b.name] = (values[0], values[0] + max(values) - min(values))
+                lo = values[0]
+                refs[b.name] = (lo, lo + max(values) - min(values) if ceiling is None else ceiling)
+            if ceiling is not None and ceiling <= refs[b.name][0]:
+                raise MergemixError(
+                    f"benchmark {b.name!r}: ceiling {b.ceiling} is no better than the value normalized to 0 "
+                    f"({_sign(b) * refs[b.name][0]:.4g}, {'chance' if accuracy else 'the base'}); "
+                    "raise it (or lower it, for a loss), or leave it out"
+                )
         return cls(spec, refs)
+
+    def references(self) -> dict[str, dict[str, str | float]]:
+        """Per benchmark: its metric, capability group, and the metric values (in its own units) that
+        normalize to 0 and to 1, for proposal.json."""
+        return {b.name: {"metric": b.objective_metric, "capability": b.capability,
+                         "zero": round(_sign(b) * self.refs[b.name][0], 6),
+                         "one": round(_sign(b) * self.refs[b.name][1], 6)}
+                for b in self.spec.benchmarks}
+
+    def weights(self) -> dict[str, float]:
+        """Objective weight of every capability group."""
+        return {g: self.spec.weight(g) for g in sorted({b.capability for b in self.spec.benchmarks})}
 
     def oriented(self, bench: str, raw: Raw) -> float:
         return _oriented(next(x for x in self.spec.benchmarks if x.name == bench), raw)
