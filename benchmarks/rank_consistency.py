@@ -22,6 +22,7 @@ import time
 
 from mergemix.recipe import load_recipe
 from mergemix.report import rank_consistency
+from mergemix.report.metrics import fmt
 
 SCALES = {
     "demo": [],
@@ -31,10 +32,6 @@ SCALES = {
               "experts.batch_size=32", "experts.lr=3e-4", "experts.steps=300", "data.seq_len=256",
               "data.domains.code.max_chars=12000000", "data.domains.prose.max_chars=3000000"],
 }
-
-
-def _f(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
 
 
 def main() -> None:
@@ -53,18 +50,19 @@ def main() -> None:
     m = obj["merge"]
     print(f"\nrank consistency, {args.scale} scale: {d['settings']['mixtures']} mixtures x {d['settings']['seeds']} "
           f"seeds, {d['settings']['mixture_steps']}-step real runs, {d['settings']['expert_steps']}-step experts")
-    print(f"overall (objective) merge rho {_f(m['spearman'])}  95% over mixtures "
-          f"[{_f(m['spearman_ci_mixtures'][0])}, {_f(m['spearman_ci_mixtures'][1])}]  over items "
-          f"[{_f(m['spearman_ci_items'][0])}, {_f(m['spearman_ci_items'][1])}]  tau {_f(m['kendall'])}")
-    print(f"noise ceiling (seed vs seed) {_f(obj['ceiling'])}; merge vs one seed {_f(m['spearman_one_seed'])}")
-    print("no-model predictors: " + ", ".join(f"{k} {_f(obj[k]['spearman'])}"
+    print(f"overall (objective) merge rho {fmt(m['spearman'])}  95% over mixtures "
+          f"[{fmt(m['spearman_ci_mixtures'][0])}, {fmt(m['spearman_ci_mixtures'][1])}]  under item noise "
+          f"[{fmt(m['spearman_ci_items'][0])}, {fmt(m['spearman_ci_items'][1])}]  tau {fmt(m['kendall'])}")
+    print(f"noise ceiling (seed vs seed) {fmt(obj['ceiling'])}; like for like, the merge vs one seed "
+          f"{fmt(m['spearman_one_seed'])}")
+    print("no-model predictors: " + ", ".join(f"{k} {fmt(obj[k]['spearman'])}"
                                                for k in ("interpolation", "token_closeness", "log_prior")))
-    print(f"partial rho of the merge given the interpolation {_f(obj['partial_merge_given_interpolation'])}; "
+    print(f"partial rho of the merge given the interpolation {fmt(obj['partial_merge_given_interpolation'])}; "
           f"the proxy's best mixture is truly #{m['true_rank']} (regret {m['regret']:.3f})")
     for name, t in d["targets"].items():
         if name != "objective":
-            print(f"  {name:<32} merge {_f(t['merge']['spearman'])}  ceiling {_f(t['ceiling'])}  "
-                  f"interp {_f(t['interpolation']['spearman'])}")
+            print(f"  {name:<32} merge {fmt(t['merge']['spearman'])}  ceiling {fmt(t['ceiling'])}  "
+                  f"interp {fmt(t['interpolation']['spearman'])}")
     c = d["compute"]
     print(f"compute: the mixture runs cost {c['mixture_over_proposal']:.1f}x the proposal's FLOPs")
     print("trained for real: " + ", ".join(f"{k} {v['mean']:.3f} (seeds {', '.join(f'{s:.3f}' for s in v['seeds'])})"

@@ -385,8 +385,8 @@ class ReportSpec(_Model):
         default_factory=list, description="mixtures of your own to train (domain -> weight, normalized to sum 1)"
     )
     seeds: int = Field(
-        2, ge=1, le=5, description="trainings per mixture with different seeds; with 2 or more, the agreement "
-        "between seeds is the noise ceiling: the best rank correlation any proxy could reach"
+        2, ge=1, le=5, description="trainings per mixture with different seeds; with 2 or more, the rank agreement "
+        "between seeds is the noise ceiling: how well one real training ranks another's results"
     )
     steps: int | None = Field(None, gt=0, description="optimizer steps per mixture run (default 2 x the experts')")
     tokens: int | None = Field(None, gt=0, description="token budget per mixture run (alternative to steps)")

@@ -6,17 +6,19 @@ consistency.json). Every finished piece is on disk, so a killed report resumes w
 
 Yardsticks, because a ρ alone means little:
 - the noise ceiling: ρ between two trainings of the same mixtures with different seeds (with more seeds,
-  the mean over pairs). A proxy at the ceiling ranks as well as a second real training would;
+  the mean over pairs): how well one real training ranks another's results. Its like-for-like comparison
+  is the merge's ρ against one seed (`spearman_one_seed`); against the mean of the seeds, which is less
+  noisy, a good proxy can exceed it;
 - predictors that need no merge: closeness to the token-proportional mixture (−KL), a log prior
   Σ_d w_d log(α_d + 0.01) weighted by the benchmarks that score a domain's own held-out text (uniform
   weights where none does), and the linear interpolation of the experts' own scores Σ_d α_d·score(expert_d),
   with the partial correlation of the merge and the truth given that interpolation (what merging adds).
+  The experts' own scores are those of the vertex merges, which for linear merging are the experts.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mergemix.artifacts import read_json, stable_hash, write_json
+from mergemix.evaluate import Objective
 from mergemix.experts import general_probs
 from mergemix.modeling import param_count
 from mergemix.pipeline import Proposed, Workspace, benchmark_key, evaluation_key, run_proposal, start
 from mergemix.recipe import Recipe
 from mergemix.report.compute import accounting, tokens_per_evaluation
 from mergemix.report.interference import dominance_warnings, interference_gamma, task_vector_cosines
-from mergemix.report.metrics import agreement, partial_spearman, spearman
+from mergemix.report.metrics import agreement, finite, fmt, partial_spearman, spearman
 from mergemix.report.mixtures import Mixture, choose_mixtures, mixture_run, run_key
 from mergemix.report.targets import Target, targets
 from mergemix.search.trials import TrialLog
@@ -50,29 +53,27 @@ class Consistency:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """The agreement table, one line per target: merge ρ [95% over mixtures], ceiling, no-model ρs."""
-        lines = [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'ceiling':>9}{'interp':>8}"
+        """The agreement table, one line per target: merge ρ against the mean of the seeds [95% over
+        mixtures], merge ρ against one seed beside the noise ceiling, the no-merge predictors' ρ."""
+        lines = [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'1 seed':>8}{'ceiling':>9}{'interp':>8}"
                  f"{'tok-KL':>8}{'log-prior':>10}{'partial':>9}"]
         for name, t in self.data["targets"].items():
             m = t["merge"]
             ci = m["spearman_ci_mixtures"]
             lines.append(
-                f"{name:<28}{_f(m['spearman']):>10}{f'[{_f(ci[0])}, {_f(ci[1])}]':>17}{_f(t['ceiling']):>9}"
-                f"{_f(t['interpolation']['spearman']):>8}{_f(t['token_closeness']['spearman']):>8}"
-                f"{_f(t['log_prior']['spearman']):>10}{_f(t['partial_merge_given_interpolation']):>9}"
+                f"{name:<28}{fmt(m['spearman']):>10}{f'[{fmt(ci[0])}, {fmt(ci[1])}]':>17}"
+                f"{fmt(m['spearman_one_seed']):>8}{fmt(t['ceiling']):>9}"
+                f"{fmt(t['interpolation']['spearman']):>8}{fmt(t['token_closeness']['spearman']):>8}"
+                f"{fmt(t['log_prior']['spearman']):>10}{fmt(t['partial_merge_given_interpolation']):>9}"
             )
         real = self.data["trained_for_real"]
         lines.append("")
         lines.append("trained for real (objective, mean over seeds): " + ", ".join(
-            f"{k} {_f(v['mean'], 3)}" for k, v in real.items()))
+            f"{k} {fmt(v['mean'], 3)}" for k, v in real.items()))
         c = self.data["compute"]
         lines.append(f"compute: mixture runs used {c['mixture_over_proposal']:.1f}x the FLOPs of the proposal "
                      f"({c['mixture_flops']:.3g} vs {c['proposal_flops']:.3g})")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
-
-
-def _f(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def rank_consistency(recipe: Recipe) -> Consistency:
@@ -131,14 +132,16 @@ def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list
     names = ws.recipe.domain_names
     trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws.recipe, ws))
     out = []
-    for m in tqdm(mixtures, desc="merged proxies", leave=False):
-        rec = trial_log.get(m.alpha)
-        if rec is None:
-            proposed.merger.apply([m.alpha[d] for d in names])
-            rec = {"label": m.label, "alpha": m.alpha, "raw": proposed.evaluator(ws.model)}
-            trial_log.add(rec)
-        out.append(rec["raw"])
-    proposed.merger.restore()
+    try:
+        for m in tqdm(mixtures, desc="merged proxies", leave=False):
+            rec = trial_log.get(m.alpha)
+            if rec is None:
+                proposed.merger.apply([m.alpha[d] for d in names])
+                rec = {"label": m.label, "alpha": m.alpha, "raw": proposed.evaluator(ws.model)}
+                trial_log.add(rec)
+            out.append(rec["raw"])
+    finally:
+        proposed.merger.restore()  # the mixture runs start from the base
     return out
 
 
@@ -199,66 +202,81 @@ def _prior_weights(recipe: Recipe, target: Target) -> tuple[list[float], str]:
     return [w[d] for d in names], "benchmarks that score a domain's held-out text"
 
 
-def _agreements(recipe: Recipe, objective: Any, mixtures: list[Mixture], proxies: list[dict[str, Any]],
+def _predictors(recipe: Recipe, objective: Objective, t: Target, alphas: np.ndarray, prior: np.ndarray,
+                proxies: list[dict[str, Any]], expert_raw: dict[str, Any]) -> dict[str, tuple[np.ndarray, Any]]:
+    """Each predictor's score of every mixture for target `t` (with its item standard errors, if any)."""
+    weights, _ = _prior_weights(recipe, t)
+    return {
+        "merge": (np.array([t.value(objective, raw) for raw in proxies]),
+                  np.array([t.se(objective, raw) for raw in proxies])),
+        "interpolation": (alphas @ np.array([t.value(objective, expert_raw[d]) for d in recipe.domain_names]), None),
+        "token_closeness": (-(prior * np.log(prior / (alphas + 1e-12))).sum(axis=1), None),
+        "log_prior": (np.log(alphas + PRIOR_EPS) @ np.asarray(weights), None),
+    }
+
+
+def _target_agreement(recipe: Recipe, t: Target, predictors: dict[str, tuple[np.ndarray, Any]], seeds: np.ndarray,
+                      truth_se: np.ndarray) -> dict[str, Any]:
+    """Every predictor against the truth (mean over seeds), the noise ceiling and the partial ρ."""
+    truth = seeds.mean(axis=1)
+    n_boot, seed = recipe.report.bootstrap, recipe.seed
+    entry: dict[str, Any] = {
+        name: agreement(p, truth, se, truth_se if se is not None else None, n_boot, seed)
+        for name, (p, se) in predictors.items()
+    }
+    pairs = [(a, b) for a in range(seeds.shape[1]) for b in range(a + 1, seeds.shape[1])]
+    entry["ceiling"] = finite(float(np.mean([spearman(seeds[:, a], seeds[:, b]) for a, b in pairs]))) if pairs else None
+    proxy, interp = predictors["merge"][0], predictors["interpolation"][0]
+    entry["merge"]["spearman_one_seed"] = finite(float(np.mean([spearman(proxy, seeds[:, s])
+                                                                for s in range(seeds.shape[1])])))
+    entry["partial_merge_given_interpolation"] = finite(partial_spearman(proxy, truth, interp))
+    entry["log_prior_basis"] = _prior_weights(recipe, t)[1]
+    return entry
+
+
+def _agreements(recipe: Recipe, objective: Objective, mixtures: list[Mixture], proxies: list[dict[str, Any]],
                 runs: list[list[dict[str, Any]]], expert_raw: dict[str, Any], prior: tuple[float, ...],
                 warnings: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per mixture: every target's proxy, truth and interpolation; per target: every predictor's agreement
+    with the truth. Appends a warning for each target too noisy to rank, and where merging loses to
+    interpolation."""
     names = recipe.domain_names
     alphas = np.array([[m.alpha[d] for d in names] for m in mixtures])
-    prior_v = np.asarray(prior)
     rows: list[dict[str, Any]] = [
         {"label": m.label, "alpha": m.alpha, "proxy": {}, "proxy_se": {}, "truth": {}, "truth_se": {},
          "truth_seeds": [{} for _ in range(recipe.report.seeds)], "interpolation": {}}
         for m in mixtures
     ]
     per_target: dict[str, Any] = {}
-    n_boot, seed = recipe.report.bootstrap, recipe.seed
     for t in targets(objective):
-        proxy = np.array([t.value(objective, raw) for raw in proxies])
-        proxy_se = np.array([t.se(objective, raw) for raw in proxies])
+        predictors = _predictors(recipe, objective, t, alphas, np.asarray(prior), proxies, expert_raw)
         seeds = np.array([[t.value(objective, run["raw"]) for run in mix_runs] for mix_runs in runs])  # (M, S)
         seeds_se = np.array([[t.se(objective, run["raw"]) for run in mix_runs] for mix_runs in runs])
-        truth = seeds.mean(axis=1)
         truth_se = np.sqrt((seeds_se**2).sum(axis=1)) / seeds.shape[1]
-        interp = alphas @ np.array([t.value(objective, expert_raw[d]) for d in names])
-        weights, prior_basis = _prior_weights(recipe, t)
-        predictors = {
-            "merge": (proxy, proxy_se),
-            "interpolation": (interp, None),
-            "token_closeness": (-(prior_v * np.log(prior_v / (alphas + 1e-12))).sum(axis=1), None),
-            "log_prior": (np.log(alphas + PRIOR_EPS) @ np.asarray(weights), None),
-        }
-        entry: dict[str, Any] = {
-            name: agreement(p, truth, se, truth_se if se is not None else None, n_boot, seed)
-            for name, (p, se) in predictors.items()
-        }
-        pairs = [(a, b) for a in range(seeds.shape[1]) for b in range(a + 1, seeds.shape[1])]
-        ceiling = float(np.mean([spearman(seeds[:, a], seeds[:, b]) for a, b in pairs])) if pairs else float("nan")
-        entry["ceiling"] = ceiling if math.isfinite(ceiling) else None
-        entry["merge"]["spearman_one_seed"] = float(np.mean([spearman(proxy, seeds[:, s])
-                                                             for s in range(seeds.shape[1])]))
-        entry["partial_merge_given_interpolation"] = partial_spearman(proxy, truth, interp)
-        entry["log_prior_basis"] = prior_basis
-        per_target[t.name] = entry
-        if pairs and not ceiling >= LOW_CEILING:
-            warnings.append(f"{t.name}: two trainings of the same mixtures agree only with rho {_f(ceiling)}; "
-                            "this target is too noisy to rank mixtures at this scale (more items, a continuous "
-                            "metric, or longer mixture runs)")
+        entry = per_target[t.name] = _target_agreement(recipe, t, predictors, seeds, truth_se)
+        if seeds.shape[1] > 1 and not (entry["ceiling"] or 0) >= LOW_CEILING:
+            warnings.append(f"{t.name}: two trainings of the same mixtures agree only with rho "
+                            f"{fmt(entry['ceiling'])}; this target is too noisy to rank mixtures at this scale "
+                            "(more items, a continuous metric, or longer mixture runs)")
+        (proxy, proxy_se), (interp, _) = predictors["merge"], predictors["interpolation"]
         for i, row in enumerate(rows):
             row["proxy"][t.name] = round(float(proxy[i]), 6)
             row["proxy_se"][t.name] = round(float(proxy_se[i]), 6)
-            row["truth"][t.name] = round(float(truth[i]), 6)
+            row["truth"][t.name] = round(float(seeds[i].mean()), 6)
             row["truth_se"][t.name] = round(float(truth_se[i]), 6)
             row["interpolation"][t.name] = round(float(interp[i]), 6)
             for s in range(seeds.shape[1]):
                 row["truth_seeds"][s][t.name] = round(float(seeds[i, s]), 6)
-    merge, interp = per_target["objective"]["merge"], per_target["objective"]["interpolation"]
-    if (merge["spearman"] or 0) < (interp["spearman"] or 0):
+    merge, interp_a = per_target["objective"]["merge"], per_target["objective"]["interpolation"]
+    if (merge["spearman"] or 0) < (interp_a["spearman"] or 0):
         warnings.append(f"objective: interpolating the experts' own scores ranks the real mixtures better "
-                        f"(rho {_f(interp['spearman'])}) than merging them ({_f(merge['spearman'])})")
+                        f"(rho {fmt(interp_a['spearman'])}) than merging them ({fmt(merge['spearman'])})")
     return rows, per_target
 
 
 def _compute(ws: Workspace, proposed: Proposed, runs: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Tokens and FLOPs of the proposal (experts + its merge evaluations) against the mixture runs (training
+    + one evaluation each). The report's own proxy evaluations and interference passes are in neither."""
     assert ws.model is not None
     return accounting(
         n_params=param_count(ws.model),

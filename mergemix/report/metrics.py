@@ -1,11 +1,11 @@
 """Rank agreement between a predictor and the truth over a set of mixtures, with bootstrap intervals.
 
 All rank statistics come from scipy.stats. Two kinds of uncertainty are reported for ρ and τ:
-- over mixtures: the mixtures are resampled with replacement (is the agreement a property of this
-  particular set of mixtures?);
-- over benchmark items: every score is redrawn from a normal with its standard error over items (the
-  parametric form of resampling items; it treats the item noise of different models as independent,
-  which makes the interval wider than a paired item resample would).
+- over mixtures: a 95% bootstrap interval, the mixtures resampled with replacement (is the agreement a
+  property of this particular set of mixtures?);
+- under item noise: the 95% range of ρ when every score is redrawn from a normal with its standard error
+  over benchmark items. It is a sensitivity check, not a bootstrap: it adds noise to scores that already
+  carry it and treats the item noise of different models as independent, so it errs low.
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ from scipy.stats import kendalltau, spearmanr
 TOP_FRACTION = 0.25  # "top-25% rho": agreement among the mixtures that are truly best
 
 
-def _finite(x: float) -> float | None:
+def finite(x: float) -> float | None:
+    """x, or None where it is nan or infinite (JSON has no nan)."""
     return float(x) if math.isfinite(x) else None
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A statistic for a table: fixed digits, "n/a" where it is missing."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -32,6 +38,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def kendall(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall τ-b; nan where either side is constant."""
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(kendalltau(a, b)[0])
@@ -92,15 +99,16 @@ def agreement(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, object]:
-    """Every agreement statistic of one predictor against the truth, with 95% bootstrap intervals."""
+    """Every agreement statistic of one predictor against the truth: ρ and τ with their 95% bootstrap
+    interval over mixtures and, given standard errors, their 95% range under item noise."""
     p, t = np.asarray(pred, dtype=float), np.asarray(true, dtype=float)
     rng = np.random.default_rng(seed)
     out: dict[str, object] = {
-        "spearman": _finite(spearman(p, t)),
-        "kendall": _finite(kendall(p, t)),
-        "top25_spearman": _finite(top_rho(p, t)),
+        "spearman": finite(spearman(p, t)),
+        "kendall": finite(kendall(p, t)),
+        "top25_spearman": finite(top_rho(p, t)),
         "pairwise_accuracy": pairwise_accuracy(p, t),
-        "recovery": _finite(recovery(p, t)),
+        "recovery": finite(recovery(p, t)),
         **argmax_check(p, t),
     }
     boots: dict[str, list[float]] = {"spearman": [], "kendall": []}

@@ -1,7 +1,9 @@
 """The report's ground truth: which mixtures to train for real, and one real model per mixture and seed.
 
 A mixture run trains a copy of the base on the domains' expert pools (the text the experts saw and the
-base did not), sampled in proportion to α, with the experts' optimizer. Its scores are saved under
+base did not), sampled in proportion to α, with the experts' optimizer. Runs with the same seed number
+draw from the same random stream whatever their mixture (common random numbers): differences between
+mixtures are then less noisy, and the noise ceiling is measured under the same design. Its scores are saved under
 `report/runs/<key>.json`, where the key hashes every input (base, data, α, seed, budget, benchmarks), so
 a rerun reuses every finished run, and a killed one resumes from its checkpoint.
 """
@@ -42,7 +44,8 @@ def _alpha(names: Sequence[str], vec: Sequence[float]) -> dict[str, float]:
 
 def choose_mixtures(recipe: Recipe, prior: Sequence[float], star: dict[str, float]) -> list[Mixture]:
     """The proposal, uniform, token-proportional and the user's mixtures, then points spread over the
-    simplex: each next one is the Dirichlet(1) draw farthest from every mixture already chosen."""
+    simplex: each next one is the Dirichlet(1) draw farthest from every mixture already chosen. The
+    proposal is left out of the spread, so that a new proposal does not move (and retrain) the others."""
     names = recipe.domain_names
     k = len(names)
     fixed = [("proposal", [star[d] for d in names]), ("uniform", [1 / k] * k), ("token_prior", list(prior))]
@@ -56,7 +59,7 @@ def choose_mixtures(recipe: Recipe, prior: Sequence[float], star: dict[str, floa
         else:
             log.info("mixture %s equals %s; trained once", label, twin.label)
     pool = np.random.default_rng([recipe.seed, 4]).dirichlet(np.ones(k), size=SPREAD_POOL)
-    points = np.array([[m.alpha[d] for d in names] for m in chosen])
+    points = np.array([[m.alpha[d] for d in names] for m in chosen if m.label != "proposal"])
     dist = np.min(np.linalg.norm(pool[:, None, :] - points[None], axis=-1), axis=1)
     while len(chosen) < recipe.report.mixtures:
         i = int(np.argmax(dist))
@@ -88,17 +91,20 @@ def mixture_run(
     """Train (or reuse) one real model on `mixture` with seed number `seed_index`; return its record:
     raw scores, tokens trained, final training loss."""
     path = out_dir / f"{key}.json"
+    checkpoint = out_dir / f"{key}.pt"
     if path.exists():
+        remove_checkpoint(checkpoint)  # left by a kill between saving the result and cleaning up
         return read_json(path)
     names = recipe.domain_names
     e = recipe.experts
     steps = recipe.report.num_steps(e, recipe.data.seq_len)
+    seed = int(stable_hash([recipe.seed, "mixture", seed_index]), 16) % 2**31
+    torch.manual_seed(seed)  # dropout, for bases that have it
     model = copy.deepcopy(base)
     sampler = Sampler(tuple(blocks[d].blocks["expert"] for d in names), tuple(mixture.alpha[d] for d in names),
-                      e.batch_size, seed=int(stable_hash([recipe.seed, "mixture", seed_index]), 16) % 2**31)
+                      e.batch_size, seed=seed)
     cfg = TrainConfig(steps=steps, lr=e.lr, warmup_steps=e.warmup_steps, schedule="constant",
                       weight_decay=e.weight_decay, betas=e.betas, checkpoint_every=e.checkpoint_every)
-    checkpoint = out_dir / f"{key}.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"{mixture.label} seed {seed_index}",
                    accelerator=make_accelerator(recipe.device))

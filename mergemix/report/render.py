@@ -6,13 +6,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
 
 from mergemix.artifacts import atomic_path, write_json, write_text
+from mergemix.report.metrics import fmt
 
 if TYPE_CHECKING:
     from mergemix.report.consistency import Consistency
@@ -26,52 +28,52 @@ PREDICTORS = {
 HIGHLIGHT = {"proposal": "tab:red", "uniform": "tab:green", "token_prior": "tab:orange"}
 
 
-def _f(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
 def _ci(ci: list[float | None] | None) -> str:
-    return "" if not ci or ci[0] is None else f"[{_f(ci[0])}, {_f(ci[1])}]"
+    return "" if not ci or ci[0] is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
 
 def agreement_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["target", "merge ρ", "95% over mixtures", "95% over items", "merge τ", "top-25% ρ", "pairwise acc",
-            "recovery", "noise ceiling", "interpolation ρ", "token-KL ρ", "log-prior ρ", "partial ρ | interp",
-            "argmax true rank", "regret"]
+    """One row per target: the merge's agreement with the truth, the noise ceiling beside the merge's ρ
+    against one seed, and the predictors that need no merge."""
+    head = ["target", "merge ρ", "95% over mixtures", "95% under item noise", "merge τ", "top-25% ρ",
+            "pairwise acc", "recovery", "merge ρ vs one seed", "noise ceiling", "interpolation ρ", "token-KL ρ",
+            "log-prior ρ", "partial ρ | interp", "argmax true rank", "regret"]
     rows = []
     for name, t in data["targets"].items():
         m = t["merge"]
         rows.append([
-            name, _f(m["spearman"]), _ci(m["spearman_ci_mixtures"]), _ci(m.get("spearman_ci_items")),
-            _f(m["kendall"]), _f(m["top25_spearman"]), _f(m["pairwise_accuracy"]), _f(m["recovery"]),
-            _f(t["ceiling"]), _f(t["interpolation"]["spearman"]), _f(t["token_closeness"]["spearman"]),
-            _f(t["log_prior"]["spearman"]), _f(t["partial_merge_given_interpolation"]),
-            f"{m['true_rank']} of {len(data['mixtures'])}", _f(m["regret"], 3),
+            name, fmt(m["spearman"]), _ci(m["spearman_ci_mixtures"]), _ci(m.get("spearman_ci_items")),
+            fmt(m["kendall"]), fmt(m["top25_spearman"]), fmt(m["pairwise_accuracy"]), fmt(m["recovery"]),
+            fmt(m["spearman_one_seed"]), fmt(t["ceiling"]), fmt(t["interpolation"]["spearman"]), fmt(t["token_closeness"]["spearman"]),
+            fmt(t["log_prior"]["spearman"]), fmt(t["partial_merge_given_interpolation"]),
+            f"{m['true_rank']} of {len(data['mixtures'])}", fmt(m["regret"], 3),
         ])
     return head, rows
 
 
 def rank_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per mixture, best real objective first: weights, proxy score and rank, real score (mean and
+    range over seeds) and rank, and the interpolation of the experts' scores. Ties share the better rank."""
     mixtures = data["mixtures"]
-    proxy = np.array([m["proxy"]["objective"] for m in mixtures])
-    truth = np.array([m["truth"]["objective"] for m in mixtures])
-    proxy_rank = np.argsort(np.argsort(-proxy)) + 1
-    true_rank = np.argsort(np.argsort(-truth)) + 1
-    head = ["mixture", *data["domains"], "proxy objective", "proxy rank", "real objective (± se)", "real rank",
-            "interpolation"]
+    proxy_rank = rankdata([-m["proxy"]["objective"] for m in mixtures], method="min").astype(int)
+    true_rank = rankdata([-m["truth"]["objective"] for m in mixtures], method="min").astype(int)
+    head = ["mixture", *data["domains"], "proxy objective", "proxy rank", "real objective", "seed range",
+            "real rank", "interpolation"]
     rows = []
-    for i in np.argsort(true_rank):
+    for i in np.argsort(true_rank, kind="stable"):
         m = mixtures[i]
-        rows.append([m["label"], *(f"{m['alpha'][d]:.3f}" for d in data["domains"]), _f(m["proxy"]["objective"], 3),
-                     str(proxy_rank[i]), f"{_f(m['truth']['objective'], 3)} ± {_f(m['truth_se']['objective'], 3)}",
-                     str(true_rank[i]), _f(m["interpolation"]["objective"], 3)])
+        seeds = [s["objective"] for s in m["truth_seeds"]]
+        rows.append([m["label"], *(f"{m['alpha'][d]:.3f}" for d in data["domains"]), fmt(m["proxy"]["objective"], 3),
+                     str(proxy_rank[i]), fmt(m["truth"]["objective"], 3), f"{min(seeds):.3f} … {max(seeds):.3f}",
+                     str(true_rank[i]), fmt(m["interpolation"]["objective"], 3)])
     return head, rows
 
 
 def compute_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Tokens and FLOPs of the proposal against the report's mixture runs."""
     c = data["compute"]
     return ["", "tokens trained", "evaluations", "FLOPs"], [
         ["proposal (experts + merged proxies)", f"{c['proposal_train_tokens']:,}", str(c["proposal_evaluations"]),
@@ -97,21 +99,17 @@ def _html_table(head: list[str], rows: list[list[str]], table_id: str) -> str:
 # ----------------------------------------------------------------------------------------------- figures
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def _scatter(data: dict[str, Any]) -> bytes:
     """Proxy vs real score per mixture, one panel for the objective and one per capability."""
-    import matplotlib.pyplot as plt
-
     names = [n for n in data["targets"] if not n.startswith("benchmark:")]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(names), 4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for m in data["mixtures"]:
             seeds = [s[name] for s in m["truth_seeds"]]
@@ -123,7 +121,7 @@ def _scatter(data: dict[str, Any]) -> bytes:
                 ax.annotate(m["label"], (m["proxy"][name], m["truth"][name]), fontsize=7, xytext=(4, 4),
                             textcoords="offset points")
         t = data["targets"][name]
-        ax.set_title(f"{name}\nρ = {_f(t['merge']['spearman'])} (ceiling {_f(t['ceiling'])})", fontsize=9)
+        ax.set_title(f"{name}\nρ = {fmt(t['merge']['spearman'])} (ceiling {fmt(t['ceiling'])})", fontsize=9)
         ax.set_xlabel("merged proxy")
         ax.set_ylabel("trained for real (seed range)")
         ax.grid(alpha=0.3)
@@ -133,10 +131,9 @@ def _scatter(data: dict[str, Any]) -> bytes:
 
 def _predictors(data: dict[str, Any]) -> bytes:
     """ρ of every predictor on the objective with its 95% interval over mixtures, and the noise ceiling."""
-    import matplotlib.pyplot as plt
-
     t = data["targets"]["objective"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    fig = Figure(figsize=(6.5, 3.2))
+    ax = fig.subplots()
     labels, values, lo, hi = [], [], [], []
     for key, label in PREDICTORS.items():
         a = t[key]
@@ -144,8 +141,8 @@ def _predictors(data: dict[str, Any]) -> bytes:
         ci = a["spearman_ci_mixtures"]
         labels.append(label)
         values.append(v)
-        lo.append(v - ci[0] if ci[0] is not None else 0.0)
-        hi.append(ci[1] - v if ci[1] is not None else 0.0)
+        lo.append(max(0.0, v - ci[0]) if ci[0] is not None else 0.0)
+        hi.append(max(0.0, ci[1] - v) if ci[1] is not None else 0.0)
     ax.barh(labels, values, xerr=[lo, hi], color=["tab:blue", "tab:gray", "tab:gray", "tab:gray"], capsize=3)
     if t["ceiling"] is not None:
         ax.axvline(t["ceiling"], color="k", ls="--", lw=1, label=f"noise ceiling {t['ceiling']:.2f}")
@@ -158,14 +155,13 @@ def _predictors(data: dict[str, Any]) -> bytes:
 
 
 def _interference(data: dict[str, Any]) -> bytes:
-    import matplotlib.pyplot as plt
-
     inter, names = data["interference"], data["domains"]
     panels = [("task-vector cosine", inter["cosine"], "coolwarm", (-1, 1))]
     if inter.get("gamma"):
         g = np.array(inter["gamma"])
         panels.append(("γ (row k: curvature of k along j's gradient / own)", g, "viridis", (0, max(1.5, g.max()))))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(4.6 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, matrix, cmap, (vmin, vmax)) in zip(axes[0], panels, strict=True):
         mat = np.asarray(matrix)
         im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
@@ -182,10 +178,9 @@ def _interference(data: dict[str, Any]) -> bytes:
 
 def _trained(data: dict[str, Any]) -> bytes:
     """The proposal against uniform and token-proportional, each trained for real (every seed shown)."""
-    import matplotlib.pyplot as plt
-
     real = data["trained_for_real"]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     for x, (label, v) in enumerate(real.items()):
         ax.bar(x, v["mean"], color=HIGHLIGHT.get(label, "tab:blue"), alpha=0.7)
         ax.scatter([x] * len(v["seeds"]), v["seeds"], color="k", s=12, zorder=3)
@@ -208,9 +203,7 @@ FIGURES = {
 
 
 def write_report(result: Consistency, report_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Figures, consistency.json, report.md and index.html in `report_dir`, each written atomically."""
     data = result.data
     report_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -223,8 +216,10 @@ def write_report(result: Consistency, report_dir: Path) -> None:
     s = data["settings"]
     intro = (f"{s['mixtures']} mixtures, each trained {s['seeds']}x for real ({s['mixture_steps']} steps from the "
              f"base) and ranked by the merged proxy ({s['expert_steps']}-step experts, replay {s['replay']}). "
-             "The noise ceiling is the rank agreement between two trainings of the same mixtures: no proxy can "
-             "be trusted beyond it. Intervals: 95% bootstrap.")
+             "The noise ceiling is the rank agreement between two trainings of the same mixtures (seed vs seed); "
+             "compare it with the merge's ρ against one seed. Against the mean of the seeds, which is less noisy, "
+             "a good proxy can exceed it. Intervals: 95% bootstrap over mixtures; 95% range under item noise "
+             "(scores redrawn within their standard errors).")
     md = [f"# Rank consistency\n\n{intro}\n"]
     md += [f"- warning: {w}" for w in result.warnings]
     md += ["\n## Agreement with the real mixture runs\n", _md_table(*tables["agreement"]),
