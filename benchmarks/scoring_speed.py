@@ -9,8 +9,9 @@ public `score`; lm-eval's from its logged samples.
     python benchmarks/scoring_speed.py --base DIR       # a local HF checkpoint, e.g. a cached demo base
     python benchmarks/scoring_speed.py --data FILE      # any multiple-choice jsonl (question, choices, answer)
 
-Where every option is one token (word_problems_mc's numbers), lm-eval's HFLM runs one forward pass per
-item (its logits cache shares the question among one-token continuations) and mergemix one per option.
+Both share an item's question among its options: lm-eval's HFLM through its logits cache (one forward pass
+per item where every option is one token), mergemix by running each question once and copying its
+key/value cache to every option.
 
 Needs lm-eval (pip install 'mergemix[lmeval]'). On 2 idle CPU cores the default run takes ~15 s; on a
 loaded machine both scorers slow down many times over, so compare only figures from one run.
@@ -84,7 +85,7 @@ def main() -> None:
     data = files[0]
     spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(data))
     items = MultipleChoice.read(spec, work)
-    model, tok, what = _model(args.base, [f"{q} {' '.join(c)}" for _, q, c, _ in items])
+    model, tok, what = _model(args.base, [f"{it.question} {' '.join(it.choices)}" for it in items])
     ctx = EvalContext(tok, 128, {}, work, args.batch_size, 0)
 
     ours = MultipleChoice(spec, ctx, items)
@@ -101,7 +102,7 @@ def main() -> None:
 
     n = len(items)
     print(f"model: {what}; {sum(x.numel() for x in model.parameters()):,} parameters; {n} items of {args.data} "
-          f"(mean {sum(len(c) for _, _, c, _ in items) / n:.1f} choices); batch size {args.batch_size}; "
+          f"(mean {sum(len(it.choices) for it in items) / n:.1f} choices); batch size {args.batch_size}; "
           f"{torch.get_num_threads()} threads")
     print("| scorer | seconds | items/s | acc | acc_norm |\n| --- | --- | --- | --- | --- |")
     print(f"| mergemix multiple_choice | {ours_s:.2f} | {n / ours_s:.0f} | {ours_result['acc']:.4f} | "
