@@ -171,10 +171,11 @@ class BenchmarkSpec(_Model):
     """A scored task. Kinds: `perplexity` (held-out loss on text; lower is better), `multiple_choice`
     (jsonl lines with `question`, `choices`, `answer` index, optional `blank`; scored by log-likelihood)
     and `generation` (jsonl lines with `question` and `answer` or `answers`; greedy answers after a few
-    in-context examples, scored by exact match and token F1)."""
+    in-context examples, scored by exact match and token F1) and `lm_eval` (an lm-eval-harness task scored
+    on the model in memory)."""
 
     name: str = Field(..., pattern=NAME, description="benchmark name (letters, digits, _ -)")
-    kind: str = Field(..., description="benchmark kind: perplexity | multiple_choice | generation")
+    kind: str = Field(..., description="benchmark kind: perplexity | multiple_choice | generation | lm_eval")
     path: str | None = Field(
         None, description="data file (jsonl/json/parquet/text) or `builtin:NAME`; for perplexity, "
         "alternatively `domain`"

@@ -314,3 +314,44 @@ def test_shared_context_scoring_matches_whole_sequences(tiny_lm: tuple[Any, Any]
     assert [n for _, n in shared] == [n for _, n in whole]
     assert [lp for lp, _ in shared] == pytest.approx([lp for lp, _ in whole], abs=1e-4)
     assert _score_shared(model, [ids("1 + 2 =")], [0, 0], [ids(" 3"), ids(" 4")]) is not None  # the cached path ran
+
+
+def test_shared_scoring_stays_inside_a_learned_position_table() -> None:
+    """Padding after a short continuation must not index past a GPT-2-style position table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergemix.evaluate.kinds import Request, score_requests
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    # a 16-token request with a 12-token prefix beside one whose 8-token continuation widens the batch
+    requests = [Request(tuple(range(1, 17)), 4), Request((40, 41, 42, *range(20, 28)), 8)]
+    shared = score_requests(model, requests, batch_size=8)
+    for req, (lp, n) in zip(requests, shared, strict=True):
+        logits = model(input_ids=torch.tensor([req.ids])).logits[0].float().log_softmax(-1)
+        whole = sum(logits[i - 1, req.ids[i]].item() for i in range(len(req.ids) - req.n, len(req.ids)))
+        assert n == req.n and lp == pytest.approx(whole, abs=1e-4)
+
+
+def test_an_option_at_the_very_start_is_scored_from_bos(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny_lm
+    path = tmp_path / "mc.jsonl"
+    rows = [{"question": "", "choices": ["fox", "dog"], "answer": 0, "blank": "___ jumps over the lazy dog"}] * 2
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(path))
+    bench = MultipleChoice(spec, EvalContext(tok, 64, {}, tmp_path, 8, 0), MultipleChoice.read(spec, tmp_path))
+    for req in bench.requests:
+        assert req.ids[0] == tok.eos_token_id  # no BOS in this tokenizer: EOS starts the text, as in lm-eval
+        assert req.n == len(req.ids) - 1  # every token of the option and text is scored
+
+
+def test_split_guard_looks_inside_folders(tmp_path: Path) -> None:
+    from mergemix.evaluate import _refuse_test_files
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "valid.jsonl").write_text("{}\n")
+    _refuse_test_files(str(tmp_path / "data"), tmp_path)
+    (tmp_path / "data" / "test.jsonl").write_text("{}\n")
+    for source in (tmp_path / "data", tmp_path / "data" / "*.jsonl"):
+        with pytest.raises(MergemixError, match="test.jsonl, which looks like a test split"):
+            _refuse_test_files(str(source), tmp_path)

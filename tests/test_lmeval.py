@@ -148,7 +148,7 @@ def test_few_shot_prompts_are_the_same_for_every_merge(tiny_lm: tuple[Any, Any],
     _, folder = _write_task(tmp_path, _items(12))
     task_yaml = folder / "local_mc.yaml"
     task = yaml.safe_load(task_yaml.read_text())
-    task_yaml.write_text(yaml.safe_dump({**task, "num_fewshot": 3, "fewshot_split": "test"}))
+    task_yaml.write_text(yaml.safe_dump({**task, "num_fewshot": 3, "fewshot_split": "validation"}))
     spec = BenchmarkSpec(name="t", kind="lm_eval", task=str(folder))
     bench = LmEval(spec, _ctx(tok, tmp_path), LmEval.read(spec, tmp_path))
     prompts = []
@@ -196,3 +196,16 @@ def test_unknown_task_name_suggests_close_matches(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(lmeval, "_builtin_tasks", lambda: TaskManager(include_path=str(folder), include_defaults=False))
     with pytest.raises(MergemixError, match=r"unknown lm-eval task 'arc_esay'; did you mean 'arc_easy'"):
         LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task="arc_esay"), tmp_path)
+
+
+def test_a_task_scored_on_its_test_split_needs_allow_test_split(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason=NEEDS)
+    _, folder = _write_task(tmp_path, _items(5))
+    yaml_path = folder / "local_mc.yaml"
+    task = yaml.safe_load(yaml_path.read_text())
+    task["dataset_kwargs"]["data_files"] = {"test": task["dataset_kwargs"]["data_files"]["validation"]}
+    yaml_path.write_text(yaml.safe_dump({**task, "test_split": "test", "validation_split": None}))
+    with pytest.raises(MergemixError, match="scored on its test split"):
+        LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)
+    spec = BenchmarkSpec(name="t", kind="lm_eval", task=str(folder), allow_test_split=True)
+    assert LmEval.read(spec, tmp_path)["n_docs"] == 5

@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
+from mergemix.data.readers import resolve_paths
 from mergemix.errors import MergemixError
 from mergemix.evaluate import generation as _generation  # noqa: F401  (registers the generation kind)
 from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext
 from mergemix.evaluate.lmeval import LmEval  # noqa: F401  (registers kind lm_eval; lm-eval itself loads lazily)
 from mergemix.evaluate.objective import Objective
-from mergemix.recipe import Recipe
+from mergemix.recipe import Recipe, looks_like_test_split
 
 __all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Evaluator", "Objective", "read_benchmarks"]
 
@@ -23,10 +24,22 @@ def read_benchmarks(recipe: Recipe, cache_dir: Path) -> dict[str, Any]:
     data = {}
     for spec in recipe.evaluation.benchmarks:
         try:
+            if spec.path and not spec.allow_test_split:
+                _refuse_test_files(spec.path, cache_dir)
             data[spec.name] = BENCHMARKS.get(spec.kind).read(spec, cache_dir)
         except MergemixError as e:
             raise MergemixError(f"benchmark {spec.name!r}: {e}") from None
     return data
+
+
+def _refuse_test_files(path: str, cache_dir: Path) -> None:
+    """The split guard on the files a folder or glob resolves to (the recipe checks the path as written)."""
+    for file in resolve_paths(path, cache_dir):
+        part = looks_like_test_split(str(file))
+        if part:
+            raise MergemixError(f"{path} holds {file}, which looks like a test split ({part!r}): choosing a mixture "
+                                "by its test score leaks the test set into the choice. Point at a validation "
+                                "split, or set allow_test_split: true")
 
 
 class Evaluator:

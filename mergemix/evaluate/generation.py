@@ -93,6 +93,10 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, tokenizer: object, prompts: list[list[int]], max_new_tokens: int,
                     stop: list[str]) -> list[str]:
@@ -106,6 +110,7 @@ def greedy_generate(model: torch.nn.Module, tokenizer: object, prompts: list[lis
     dev = _device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = eos if eos is not None else 0
+    ends = {eos} | set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -123,7 +128,7 @@ def greedy_generate(model: torch.nn.Module, tokenizer: object, prompts: list[lis
         for r, tok in enumerate(nxt.tolist()):
             if done[r]:
                 continue
-            if tok == eos:
+            if tok in ends:  # the tokenizer's EOS and any end id of the model (a chat model's end of turn)
                 done[r] = True
                 continue
             new[r].append(tok)

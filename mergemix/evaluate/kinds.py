@@ -255,7 +255,8 @@ def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group
         c_ids[r, : len(c)] = torch.tensor(c)
         c_mask[r, : len(c)] = 1
     lengths = torch.tensor([len(prefixes[g]) for g in group], device=dev)
-    positions = lengths[:, None] + torch.arange(c_width, device=dev)[None]
+    # padding after a short continuation is never scored; clamped, it cannot run past a learned position table
+    positions = (lengths[:, None] + torch.arange(c_width, device=dev)[None]).clamp(max=(max_positions(model) or 2**31) - 1)
     logits = model(input_ids=c_ids.to(dev), attention_mask=torch.cat([mask[index], c_mask.to(dev)], dim=1),
                    position_ids=positions, past_key_values=cache, use_cache=True).logits
     # The first continuation token is predicted from the prefix's last position, the others from the
@@ -308,7 +309,7 @@ class MultipleChoice(Benchmark):
     def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: list[MCRecord]) -> None:
         super().__init__(spec, ctx, data)
         raw = data
-        if spec.max_items is not None and len(raw) > spec.max_items:
+        if spec.max_items is not None and len(data) > spec.max_items:
             raw = random.Random(ctx.seed).sample(raw, spec.max_items)
         self._index: dict[Request, int] = {}
         self.requests: list[Request] = []
@@ -321,8 +322,13 @@ class MultipleChoice(Benchmark):
     def _request(self, text: str, prefix: str) -> int:
         """Index of the request scoring what `text`, tokenized whole, has beyond `prefix`'s own tokens;
         identical requests (a blank at the end of the question) are scored once."""
-        ids = self._ids(text)
-        req = Request(tuple(ids), max(1, len(ids) - len(self._ids(prefix))))
+        ids, n_prefix = self._ids(text), len(self._ids(prefix))
+        if n_prefix == 0:  # nothing to predict the first token from: start from BOS (EOS where none), as lm-eval
+            start = getattr(self.ctx.tokenizer, "bos_token_id", None)
+            start = start if start is not None else getattr(self.ctx.tokenizer, "eos_token_id", None)
+            ids = ([start] if start is not None else []) + ids
+            n_prefix = 1 if start is not None else 0
+        req = Request(tuple(ids), max(1, len(ids) - n_prefix))
         if req not in self._index:
             self._index[req] = len(self.requests)
             self.requests.append(req)

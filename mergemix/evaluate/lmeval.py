@@ -113,8 +113,8 @@ def write_mc_task(folder: Path, name: str, data: Path) -> Path:
     import yaml
 
     task = {
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "question",
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}},
+        "validation_split": "validation", "output_type": "multiple_choice", "doc_to_text": "question",
         "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": " ",
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
     }
@@ -153,6 +153,10 @@ class LmEval(Benchmark):
         lm_eval = _import_lm_eval()
         task_dict, name, yaml_path = _load_task(spec)
         task = task_dict["tasks"][name]
+        if task.has_test_docs() and not spec.allow_test_split:
+            raise MergemixError(f"lm-eval task {name!r} is scored on its test split: choosing a mixture by its "
+                                "test score leaks the test set into the choice. Use a task whose test_split is a "
+                                "validation split, or set allow_test_split: true")
         config_files = []  # the task's folder: its YAML, the YAMLs it includes, python helpers
         if yaml_path is not None:
             config_files = [p.read_text(encoding="utf-8", errors="replace")

@@ -101,7 +101,8 @@ def stability_rows(recipe: Recipe, steps: Sequence[float], scores: dict[str, lis
     rows = []
     for b in recipe.evaluation.benchmarks:
         kind = BENCHMARKS.get(b.kind)
-        for m in kind.metrics:
+        reported = next(iter(scores.values()))[0][b.name]
+        for m in (m for m in kind.metrics if m in reported):  # an lm-eval task reports only its own metrics
             sign = 1.0 if kind.higher_is_better[m] else -1.0
             paths = {e: [sign * raw[b.name][m] for raw in path] for e, path in scores.items()}
             taus = [_tau(steps, p) for p in paths.values()]
@@ -116,11 +117,10 @@ def evaluate_paths(recipe: Recipe, steps: Sequence[float] = STEPS) -> StabilityR
     write `stability.json` to the run directory and return the report."""
     from mergemix.experts import train_experts
     from mergemix.merge import InPlaceMerger
-    from mergemix.pipeline import _setup, prepare_base_and_data
+    from mergemix.pipeline import start
 
     steps = sorted(set(steps) | {0.0, 1.0})
-    ws = _setup(recipe)
-    prepare_base_and_data(ws)
+    ws = start(recipe)
     assert ws.model is not None
     with ws.timings.stage("experts"):
         experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
@@ -129,18 +129,19 @@ def evaluate_paths(recipe: Recipe, steps: Sequence[float] = STEPS) -> StabilityR
     merger = InPlaceMerger(ws.model, [e.state() for e in experts], recipe.merge.method)
     names = recipe.domain_names
     bar = tqdm(total=1 + len(names) * (len(steps) - 1), desc="evaluate checkpoints", leave=False)
-    merger.restore()
     base = evaluator(ws.model)
     bar.update()
     scores: dict[str, list[Raw]] = {}
-    for k, name in enumerate(names):
-        scores[name] = [base]
-        for t in steps[1:]:
-            merger.apply([t if j == k else 0.0 for j in range(len(names))])
-            scores[name].append(evaluator(ws.model))
-            bar.update()
-    bar.close()
-    merger.restore()
+    try:
+        for k, name in enumerate(names):
+            scores[name] = [base]
+            for t in steps[1:]:
+                merger.apply([t if j == k else 0.0 for j in range(len(names))])
+                scores[name].append(evaluator(ws.model))
+                bar.update()
+    finally:
+        bar.close()
+        merger.restore()
     rows = stability_rows(recipe, steps, scores) if len(steps) > 2 else []
     report = StabilityReport(list(steps), names, scores, rows)
     write_json(ws.run_dir / "stability.json", _finite(asdict(report)))
