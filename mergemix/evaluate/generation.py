@@ -21,7 +21,7 @@ import torch
 
 from mergemix.data.readers import read_records, resolve_paths
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, _device, _mean_se
+from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, mean_se, model_device
 from mergemix.modeling import max_positions
 from mergemix.recipe import BenchmarkSpec
 
@@ -107,7 +107,7 @@ def greedy_generate(model: torch.nn.Module, tokenizer: object, prompts: list[lis
     no cache gets the whole sequence again at every step. A row stops at EOS or a stop string; the batch
     stops when every row has (or after `max_new_tokens`).
     """
-    dev = _device(model)
+    dev = model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = eos if eos is not None else 0
     ends = {eos} | set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
@@ -177,13 +177,10 @@ class Generation(Benchmark):
         header = spec.instruction.strip() + "\n\n" + "".join(
             f"{self._prompt(s.question)} {s.answers[0]}\n\n" for s in self.shots
         )
-        self.prompts = [self._ids(header + self._prompt(it.question)) for it in self.items]
+        self.prompts = [self.ctx.ids(header + self._prompt(it.question)) for it in self.items]
 
     def _prompt(self, question: str) -> str:
         return self._template.replace("{question}", question)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.ctx.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
 
     def answers(self, model: torch.nn.Module) -> list[str]:
         """The model's answer to every scored item, in item order (batches of similar prompt length)."""
@@ -204,5 +201,5 @@ class Generation(Benchmark):
         result = {"n": float(len(self.items)), "chance": 0.0}
         for name, fn in (("exact_match", exact_match), ("f1", token_f1)):
             values = torch.tensor([fn(p, it.answers) for p, it in zip(preds, self.items, strict=True)])
-            result[name], result[f"{name}_se"] = _mean_se(values)
+            result[name], result[f"{name}_se"] = mean_se(values)
         return result

@@ -41,6 +41,10 @@ class EvalContext:
     batch_size: int
     seed: int
 
+    def ids(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens (benchmarks add what they need themselves)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+
 
 class Benchmark:
     """A benchmark kind. `read` loads and checks the data before anything is trained (a malformed file
@@ -64,14 +68,15 @@ class Benchmark:
 BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark kind")
 
 
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean over items and its standard error (nan for a single item)."""
     n = values.numel()
     mean = values.mean().item()
     se = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
     return mean, se
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -113,14 +118,14 @@ class Perplexity(Benchmark):
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> dict[str, float]:
-        dev = _device(model)
+        dev = model_device(model)
         losses = []
         for i in range(0, len(self.blocks), self.ctx.batch_size):
             batch = self.blocks[i : i + self.ctx.batch_size].to(dev)
             logits = model(input_ids=batch).logits[:, :-1].float()
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
             losses.append(nll.view(len(batch), -1).mean(dim=1).cpu())
-        mean, se = _mean_se(torch.cat(losses))
+        mean, se = mean_se(torch.cat(losses))
         return {"loss": mean, "loss_se": se, "n": float(len(self.blocks))}
 
 
@@ -234,7 +239,7 @@ def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group
                   conts: list[tuple[int, ...]]) -> list[tuple[float, int]] | None:
     """Continuations `conts[r]` after prefix `prefixes[group[r]]`, every continuation token scored; the
     prefixes run once and their cache is shared. None when the model keeps no cache."""
-    dev = _device(model)
+    dev = model_device(model)
     width = max(len(p) for p in prefixes)
     ids = torch.zeros((len(prefixes), width), dtype=torch.long)
     mask = torch.zeros((len(prefixes), width), dtype=torch.long)
@@ -272,7 +277,7 @@ def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group
 
 def _score_whole(model: torch.nn.Module, seqs: list[tuple[int, ...]], ns: list[int]) -> list[tuple[float, int]]:
     """The last `ns[r]` tokens of each of `seqs`, each sequence run whole (right-padded)."""
-    dev = _device(model)
+    dev = model_device(model)
     ids = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
     rows, pos, target = [], [], []
     for r, (seq, n) in enumerate(zip(seqs, ns, strict=True)):
@@ -316,13 +321,10 @@ class MultipleChoice(Benchmark):
         self.items = [self._tokenize(rec) for rec in raw]
         self.chance = sum(1 / len(it.options) for it in self.items) / len(self.items)
 
-    def _ids(self, text: str) -> list[int]:
-        return self.ctx.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-
     def _request(self, text: str, prefix: str) -> int:
         """Index of the request scoring what `text`, tokenized whole, has beyond `prefix`'s own tokens;
         identical requests (a blank at the end of the question) are scored once."""
-        ids, n_prefix = self._ids(text), len(self._ids(prefix))
+        ids, n_prefix = self.ctx.ids(text), len(self.ctx.ids(prefix))
         if n_prefix == 0:  # nothing to predict the first token from: start from BOS (EOS where none), as lm-eval
             start = getattr(self.ctx.tokenizer, "bos_token_id", None)
             start = start if start is not None else getattr(self.ctx.tokenizer, "eos_token_id", None)
@@ -368,7 +370,7 @@ class MultipleChoice(Benchmark):
             values["margin"].append(per_tok[it.answer] - max(wrong))
         result = {"n": float(len(self.items)), "chance": self.chance}
         for name, v in values.items():
-            result[name], result[f"{name}_se"] = _mean_se(torch.tensor(v))
+            result[name], result[f"{name}_se"] = mean_se(torch.tensor(v))
         return result
 
 
