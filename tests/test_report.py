@@ -186,14 +186,13 @@ def test_killed_report_keeps_finished_mixture_runs(micro_data: dict[str, Any], t
 
 def test_one_seed_gives_no_ceiling_and_no_noise_warning(micro_data: dict[str, Any], tmp_path: Path) -> None:
     from mergemix.report.consistency import _target_agreement
-    from mergemix.report.targets import Target
 
     d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
     recipe = recipe_from_dict({**d, "report": {"seeds": 1, "bootstrap": 100}})
     truth = np.arange(6, dtype=float)
     predictors = {name: (truth + i, None) for i, name in enumerate(("interpolation", "token_closeness", "log_prior"))}
     predictors["merge"] = (truth, np.zeros(6))
-    entry = _target_agreement(recipe, Target("objective", {"target": 1.0}), predictors, truth[:, None], np.zeros(6))
+    entry = _target_agreement(recipe, predictors, truth[:, None], np.zeros(6))
     assert entry["ceiling"] is None
     assert entry["merge"]["spearman"] == pytest.approx(1.0)
     assert entry["merge"]["spearman_one_seed"] == pytest.approx(1.0)

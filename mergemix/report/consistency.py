@@ -37,7 +37,7 @@ from mergemix.report.interference import dominance_warnings, interference_gamma,
 from mergemix.report.metrics import agreement, finite, fmt, partial_spearman, spearman
 from mergemix.report.mixtures import Mixture, choose_mixtures, mixture_run, run_key
 from mergemix.report.targets import Target, targets
-from mergemix.search.trials import TrialLog
+from mergemix.search.trials import TrialLog, alpha_key
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,15 @@ def rank_consistency(recipe: Recipe) -> Consistency:
 
 
 def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[dict[str, Any]]:
-    """Raw scores of the merged proxy at every mixture, logged in report/proxies.jsonl."""
+    """Raw scores of the merged proxy at every mixture: from the search where it scored the same α (the
+    proposal, uniform, token-proportional), else merged and scored here and logged in report/proxies.jsonl."""
     names = ws.recipe.domain_names
     trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws.recipe, ws))
+    searched = {alpha_key(t.alpha): {"raw": t.raw} for t in proposed.search.trials}
     out = []
     try:
         for m in tqdm(mixtures, desc="merged proxies", leave=False):
-            rec = trial_log.get(m.alpha)
+            rec = searched.get(alpha_key(m.alpha)) or trial_log.get(m.alpha)
             if rec is None:
                 proposed.merger.apply([m.alpha[d] for d in names])
                 rec = {"label": m.label, "alpha": m.alpha, "raw": proposed.evaluator(ws.model)}
@@ -203,9 +205,10 @@ def _prior_weights(recipe: Recipe, target: Target) -> tuple[list[float], str]:
 
 
 def _predictors(recipe: Recipe, objective: Objective, t: Target, alphas: np.ndarray, prior: np.ndarray,
-                proxies: list[dict[str, Any]], expert_raw: dict[str, Any]) -> dict[str, tuple[np.ndarray, Any]]:
-    """Each predictor's score of every mixture for target `t` (with its item standard errors, if any)."""
-    weights, _ = _prior_weights(recipe, t)
+                weights: list[float], proxies: list[dict[str, Any]],
+                expert_raw: dict[str, Any]) -> dict[str, tuple[np.ndarray, Any]]:
+    """Each predictor's score of every mixture for target `t` (with its item standard errors, if any);
+    `weights` are the log prior's domain weights."""
     return {
         "merge": (np.array([t.value(objective, raw) for raw in proxies]),
                   np.array([t.se(objective, raw) for raw in proxies])),
@@ -215,7 +218,7 @@ def _predictors(recipe: Recipe, objective: Objective, t: Target, alphas: np.ndar
     }
 
 
-def _target_agreement(recipe: Recipe, t: Target, predictors: dict[str, tuple[np.ndarray, Any]], seeds: np.ndarray,
+def _target_agreement(recipe: Recipe, predictors: dict[str, tuple[np.ndarray, Any]], seeds: np.ndarray,
                       truth_se: np.ndarray) -> dict[str, Any]:
     """Every predictor against the truth (mean over seeds), the noise ceiling and the partial ρ."""
     truth = seeds.mean(axis=1)
@@ -230,7 +233,6 @@ def _target_agreement(recipe: Recipe, t: Target, predictors: dict[str, tuple[np.
     entry["merge"]["spearman_one_seed"] = finite(float(np.mean([spearman(proxy, seeds[:, s])
                                                                 for s in range(seeds.shape[1])])))
     entry["partial_merge_given_interpolation"] = finite(partial_spearman(proxy, truth, interp))
-    entry["log_prior_basis"] = _prior_weights(recipe, t)[1]
     return entry
 
 
@@ -249,11 +251,13 @@ def _agreements(recipe: Recipe, objective: Objective, mixtures: list[Mixture], p
     ]
     per_target: dict[str, Any] = {}
     for t in targets(objective):
-        predictors = _predictors(recipe, objective, t, alphas, np.asarray(prior), proxies, expert_raw)
+        weights, prior_basis = _prior_weights(recipe, t)
+        predictors = _predictors(recipe, objective, t, alphas, np.asarray(prior), weights, proxies, expert_raw)
         seeds = np.array([[t.value(objective, run["raw"]) for run in mix_runs] for mix_runs in runs])  # (M, S)
         seeds_se = np.array([[t.se(objective, run["raw"]) for run in mix_runs] for mix_runs in runs])
         truth_se = np.sqrt((seeds_se**2).sum(axis=1)) / seeds.shape[1]
-        entry = per_target[t.name] = _target_agreement(recipe, t, predictors, seeds, truth_se)
+        entry = per_target[t.name] = _target_agreement(recipe, predictors, seeds, truth_se)
+        entry["log_prior_basis"] = prior_basis
         if seeds.shape[1] > 1 and not (entry["ceiling"] or 0) >= LOW_CEILING:
             warnings.append(f"{t.name}: two trainings of the same mixtures agree only with rho "
                             f"{fmt(entry['ceiling'])}; this target is too noisy to rank mixtures at this scale "
