@@ -50,6 +50,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def ensure_dir(path: str | Path, field: str) -> Path:
+    """Directory `path`, created with its parents if need be. A path that cannot be a writable directory
+    (a regular file in the way, no permission) is a MergemixError naming the recipe `field` that set it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergemixError(f"{field}: cannot create directory {path} ({e.strerror or e}); "
+                            f"set {field} to a directory you can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MergemixError(f"{field}: directory {path} is not writable; set {field} to a directory you can write")
+    return path
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:

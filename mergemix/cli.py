@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -40,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* defaults from the environment
+    from mergemix.progress import set_quiet
+
+    set_quiet(quiet)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "datasets", "transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -28,7 +28,11 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
+    from mergemix.progress import library_bars
+
     hf_logging.set_verbosity_error()
+    if not library_bars():
+        hf_logging.disable_progress_bar()
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from mergemix.artifacts import stable_hash, write_json, write_text
+from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, read_benchmarks
@@ -26,6 +25,7 @@ from mergemix.experts import Expert, general_probs, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
 from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
+from mergemix.progress import progress
 from mergemix.proposal import Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial, run_search
@@ -71,10 +71,10 @@ def _setup(recipe: Recipe) -> Workspace:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
-    run_dir = recipe.resolved_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_dir(recipe.resolved_run_dir(), "run_dir")
+    cache_dir = ensure_dir(recipe.resolved_cache_dir(), "cache_dir")
     write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
-    return Workspace(recipe, run_dir, recipe.resolved_cache_dir(), Timings())
+    return Workspace(recipe, run_dir, cache_dir, Timings())
 
 
 def prepare_base_and_data(ws: Workspace) -> None:
@@ -85,7 +85,7 @@ def prepare_base_and_data(ws: Workspace) -> None:
     with ws.timings.stage("data"):
         ws.benchmark_data = read_benchmarks(r, ws.cache_dir)  # small files: fail fast
         ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir)
-                   for d in tqdm(r.data.domains, desc="read domains", leave=False)}
+                   for d in progress(r.data.domains, desc="read domains", leave=False)}
     with ws.timings.stage("base"):
         if r.base.path:
             ws.base_path = Path(r.base.path)

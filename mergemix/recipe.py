@@ -185,6 +185,10 @@ class BenchmarkSpec(_Model):
         None, description="lm_eval only: lm-eval task name, or a folder/YAML file of task definitions "
         "(install with pip install 'mergemix[lmeval]')"
     )
+    trust_task_code: bool = Field(
+        False, description="lm_eval only: let a task folder's `!function` tags import and run its Python files "
+        "(a task folder is code, like trust_remote_code; lm-eval's own tasks are always allowed)"
+    )
     text_field: str = Field("text", description="perplexity: field holding the text in jsonl/json/parquet")
     metric: str | None = Field(
         None,
@@ -250,7 +254,7 @@ class BenchmarkSpec(_Model):
         metrics = BENCHMARKS.get(self.kind).metrics
         if self.metric is not None and self.metric not in metrics:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(metrics)} for kind {self.kind}")
-        for fields, kind in ((("blank_template",), "multiple_choice"),
+        for fields, kind in ((("blank_template",), "multiple_choice"), (("trust_task_code",), "lm_eval"),
                              (("instruction", "shots", "stop", "max_new_tokens"), "generation"),
                              (("question_template",), ("multiple_choice", "generation"))):
             stray = [f for f in fields if self.kind not in kind and getattr(self, f) != type(self).model_fields[f].default]
@@ -588,6 +592,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises MergemixError naming the file and field on bad input."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f" ({', '.join(inside[:5])})" if inside else ""
+        raise MergemixError(f"{path}: is a directory, not a recipe; give the recipe's YAML file{hint}")
     if not path.is_file():
         raise MergemixError(f"{path}: recipe file not found")
     try:

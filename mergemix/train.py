@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mergemix.artifacts import atomic_path
 from mergemix.errors import MergemixError
+from mergemix.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def train(
     model.train()
     pmodel, opt = accelerator.prepare(model, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, leave=False,
+    bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, leave=False,
                disable=not accelerator.is_local_main_process)
     for step in bar:
         batch = sampler(step)[rank::world].to(accelerator.device)

@@ -111,6 +111,20 @@ def test_undecodable_and_corrupt_files_are_named(tmp_path: Path) -> None:
         read_texts(str(broken), "auto", "text", tmp_path)
 
 
+def test_text_with_undecodable_bytes_is_read_with_a_warning_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("plain text")
+    (tmp_path / "docs" / "b.txt").write_bytes(b"caf\xe9 au lait")
+    with caplog.at_level("WARNING", logger="mergemix.data.readers"):
+        texts = read_texts(str(tmp_path / "docs" / "*.txt"), "auto", "text", tmp_path)
+    assert sorted(texts) == ["caf\ufffd au lait", "plain text"]
+    (record,) = caplog.records
+    assert "1 of 2 documents had bytes that are not UTF-8" in record.getMessage()
+    assert str(tmp_path / "docs" / "b.txt") in record.getMessage()
+
+
 def test_a_glob_can_name_saved_datasets(micro_data: dict[str, Any], tmp_path: Path) -> None:
     pattern = str(Path(micro_data["sources"]["facts"]).parent / "facts_*")
     assert len(read_texts(pattern, "auto", "text", tmp_path)) == 300

@@ -209,3 +209,21 @@ def test_a_task_scored_on_its_test_split_needs_allow_test_split(tmp_path: Path) 
         LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)
     spec = BenchmarkSpec(name="t", kind="lm_eval", task=str(folder), allow_test_split=True)
     assert LmEval.read(spec, tmp_path)["n_docs"] == 5
+
+
+def test_a_task_folder_that_runs_python_needs_trust_task_code(tmp_path: Path) -> None:
+    """`!function` makes lm-eval import a Python file from the task folder: code, so opt-in."""
+    pytest.importorskip("lm_eval", reason=NEEDS)
+    _, folder = _write_task(tmp_path, _items(5))
+    marker = tmp_path / "ran.txt"
+    (folder / "utils.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n\ndef text(doc):\n"
+                                     "    return doc['question']\n")
+    yaml_path = folder / "local_mc.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("doc_to_text: question", "doc_to_text: !function utils.text"))
+    with pytest.raises(MergemixError, match=r"local_mc.yaml has a !function tag.*trust_task_code: true"):
+        LmEval.read(BenchmarkSpec(name="t", kind="lm_eval", task=str(folder)), tmp_path)
+    assert not marker.exists(), "the folder's code ran before it was trusted"
+    spec = BenchmarkSpec(name="t", kind="lm_eval", task=str(folder), trust_task_code=True)
+    assert LmEval.read(spec, tmp_path)["n_docs"] == 5 and marker.exists()
+    with pytest.raises(ValueError, match="trust_task_code is not used by kind perplexity"):
+        BenchmarkSpec(name="t", kind="perplexity", path="x.txt", trust_task_code=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from mergemix.artifacts import Hasher, atomic_path, read_json, stable_hash, write_json
 from mergemix.data.readers import read_texts
 from mergemix.errors import MergemixError
+from mergemix.progress import progress
 from mergemix.recipe import DomainSpec, SplitSpec
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def pack_texts(texts: list[str], tokenizer: object, seq_len: int, desc: str = ""
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     chunk = 256
-    for i in tqdm(range(0, len(texts), chunk), desc=f"tokenize {desc}", leave=False, disable=len(texts) < 4 * chunk):
+    for i in progress(range(0, len(texts), chunk), desc=f"tokenize {desc}", leave=False, disable=len(texts) < 4 * chunk):
         enc = tokenizer(texts[i : i + chunk], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
         for seq in enc:
             ids.extend(seq)

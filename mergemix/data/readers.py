@@ -73,9 +73,11 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
                 raise MergemixError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
-def read_records(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+def read_records(path: Path, fmt: str, not_utf8: list[str] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, record) pairs from one file of any supported format; `location` is `file:line` or
-    `file[row]`, for error messages."""
+    `file[row]`, for error messages. A plain-text document with bytes that are not UTF-8 is read with
+    U+FFFD in their place and its location appended to `not_utf8` (a warning is logged where none is
+    given); structured formats with such bytes are an error."""
     fmt = detect_format(path, fmt)
     try:
         if fmt == "jsonl":
@@ -105,7 +107,16 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
         elif fmt == "saved":
             yield from _read_saved(path)
         elif fmt == "text":
-            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                if not_utf8 is None:
+                    log.warning("%s: bytes that are not UTF-8 were replaced by U+FFFD; re-encode it as UTF-8", path)
+                else:
+                    not_utf8.append(str(path))
+            yield str(path), text
         else:
             raise MergemixError(f"{path}: unknown format {fmt!r}")
     except OSError as e:
@@ -117,6 +128,10 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
 def _read_saved(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
+    from mergemix.progress import library_bars
+
+    if not library_bars():
+        datasets.disable_progress_bars()
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises several types for a broken directory
@@ -132,8 +147,9 @@ def _read_saved(path: Path) -> Iterator[tuple[str, Any]]:
 def read_texts(source: str, fmt: str, text_field: str, cache_dir: Path) -> list[str]:
     """Every document's text from `source`. Records without the text field are an error naming them."""
     texts: list[str] = []
+    not_utf8: list[str] = []
     for path in resolve_paths(source, cache_dir):
-        for where, rec in read_records(path, fmt):
+        for where, rec in read_records(path, fmt, not_utf8):
             if isinstance(rec, str):
                 texts.append(rec)
                 continue
@@ -146,4 +162,7 @@ def read_texts(source: str, fmt: str, text_field: str, cache_dir: Path) -> list[
             if not isinstance(value, str):
                 raise MergemixError(f"{where}: field {text_field!r} is {type(value).__name__}, expected text")
             texts.append(value)
+    if not_utf8:
+        log.warning("%s: %d of %d documents had bytes that are not UTF-8, replaced by U+FFFD (first: %s); "
+                    "re-encode them as UTF-8", source, len(not_utf8), len(texts), not_utf8[0])
     return texts

@@ -84,10 +84,26 @@ def _resolve(task: str) -> tuple[Any, str]:
     raise MergemixError(f"unknown lm-eval task {task!r}{hint}")
 
 
+def _refuse_task_code(spec: BenchmarkSpec) -> None:
+    """A task folder whose YAML uses `!function` runs Python from that folder when lm-eval loads it: refused
+    unless the benchmark says it trusts the folder (`trust_task_code`), as checkpoints need trust_remote_code."""
+    assert spec.task is not None
+    path = Path(spec.task).expanduser()
+    if spec.trust_task_code or not path.exists():
+        return
+    folder = path if path.is_dir() else path.parent
+    for f in sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml")):
+        if "!function" in f.read_text(encoding="utf-8", errors="replace"):
+            raise MergemixError(f"task {spec.task}: {f} has a !function tag, which imports and runs Python from "
+                                "the task folder; set trust_task_code: true on this benchmark if you trust that "
+                                "code")
+
+
 def _load_task(spec: BenchmarkSpec) -> tuple[Any, str, Path | None]:
     """(lm-eval task dict with the one task loaded, task name, its YAML file), the objective metric
     checked against what the task reports."""
     assert spec.task is not None
+    _refuse_task_code(spec)
     tm, name = _resolve(spec.task)
     try:
         task_dict = tm.load([name])

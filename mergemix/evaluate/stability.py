@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from scipy.stats import kendalltau
-from tqdm.auto import tqdm
 
 from mergemix.artifacts import write_json
 from mergemix.evaluate import BENCHMARKS, Evaluator
+from mergemix.progress import progress
 from mergemix.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def evaluate_paths(recipe: Recipe, steps: Sequence[float] = STEPS) -> StabilityR
                           ws.cache_dir, ws.benchmark_data)
     merger = InPlaceMerger(ws.model, [e.state() for e in experts], recipe.merge.method)
     names = recipe.domain_names
-    bar = tqdm(total=1 + len(names) * (len(steps) - 1), desc="evaluate checkpoints", leave=False)
+    bar = progress(total=1 + len(names) * (len(steps) - 1), desc="evaluate checkpoints", leave=False)
     base = evaluator(ws.model)
     bar.update()
     scores: dict[str, list[Raw]] = {}

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.evaluate import Objective
 from mergemix.experts import general_probs
 from mergemix.modeling import param_count
 from mergemix.pipeline import Proposed, Workspace, benchmark_key, evaluation_key, run_proposal, start
+from mergemix.progress import progress
 from mergemix.recipe import Recipe
 from mergemix.report.compute import accounting, tokens_per_evaluation
 from mergemix.report.interference import dominance_warnings, interference_gamma, task_vector_cosines
@@ -135,7 +135,7 @@ def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list
     searched = {alpha_key(t.alpha): {"raw": t.raw} for t in proposed.search.trials}
     out = []
     try:
-        for m in tqdm(mixtures, desc="merged proxies", leave=False):
+        for m in progress(mixtures, desc="merged proxies", leave=False):
             rec = searched.get(alpha_key(m.alpha)) or trial_log.get(m.alpha)
             if rec is None:
                 proposed.merger.apply([m.alpha[d] for d in names])
@@ -159,7 +159,7 @@ def _truth(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[l
     done = sum((out_dir / f"{k}.json").exists() for k in keys.values())
     log.info("mixture runs: %d of %d already done", done, len(jobs))
     runs: list[list[dict[str, Any]]] = [[{} for _ in range(r.report.seeds)] for _ in mixtures]
-    for i, s in tqdm(jobs, desc="mixture runs", leave=False):
+    for i, s in progress(jobs, desc="mixture runs", leave=False):
         runs[i][s] = mixture_run(r, ws.model, ws.blocks, mixtures[i], s, keys[i, s], out_dir, proposed.evaluator)
     return runs
 

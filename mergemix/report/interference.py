@@ -22,11 +22,16 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
+
+from mergemix.progress import progress
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +132,7 @@ def interference_gamma(
     flags, `.grad` and attention implementation are untouched afterwards.
     """
     chunks = [_chunks(b, batch_size, max_batches) for b in batches]
-    with _second_order_ready(model) as params, tqdm(total=2 * sum(map(len, chunks)), desc="interference",
+    with _second_order_ready(model) as params, progress(total=2 * sum(map(len, chunks)), desc="interference",
                                                     leave=False) as bar:
         grads = [_mean_grad(model, params, c, bar) for c in chunks]
         grad_norms = np.array([_norm(g) for g in grads])

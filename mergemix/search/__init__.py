@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mergemix.artifacts import stable_hash
 from mergemix.evaluate import Objective
+from mergemix.progress import progress
 from mergemix.recipe import Recipe
 from mergemix.search.seeds import seed_points, simplex_candidates
 from mergemix.search.surrogate import SURROGATES, loo_rmse
@@ -98,7 +98,7 @@ def run_search(
         return trial
 
     seeds = seed_points(prior, spec.seeds, spec.concentration, recipe.seed)
-    bar = tqdm(total=len(seeds) + 1 + spec.verify, desc="merge + evaluate", leave=False)
+    bar = progress(total=len(seeds) + 1 + spec.verify, desc="merge + evaluate", leave=False)
     # The base and the vertices come first: they fix the normalization of every other score.
     base = run("base", "base", {d: 0.0 for d in domains})
     bar.update()
