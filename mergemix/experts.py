@@ -94,7 +94,7 @@ def train_experts(
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
         cfg = TrainConfig(steps=steps, lr=spec.lr, warmup_steps=spec.warmup_steps, schedule="constant",
                           weight_decay=spec.weight_decay, betas=spec.betas, checkpoint_every=spec.checkpoint_every)
-        checkpoint = out / f"checkpoint-{key}.pt"
+        checkpoint = out / f"checkpoint-{key}.safetensors"
         losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"expert {name}", accelerator=accelerator)
         params = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
         with atomic_path(out / MODEL_FILE) as tmp:

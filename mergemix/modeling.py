@@ -193,7 +193,7 @@ def build_demo_base(
     log.info("demo base: pre-training %s parameters for %d steps", f"{param_count(model):,}", spec.steps)
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, schedule="cosine")
     sampler = Sampler(tuple(pools), tuple(float(len(p)) for p in pools), spec.batch_size, seed)
-    checkpoint = path.parent / f"{path.name}.checkpoint.pt"
+    checkpoint = path.parent / f"{path.name}.checkpoint.safetensors"
 
     losses = train(model, sampler, cfg, checkpoint=checkpoint, desc="demo base", accelerator=make_accelerator(device))
     save_checkpoint_dir(model, tokenizer, path, extra={"spec": spec.model_dump(), "final_loss": losses[-1]})

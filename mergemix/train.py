@@ -7,6 +7,7 @@ global batch and keeps its own slice of rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mergemix.artifacts import atomic_path
 from mergemix.errors import MergemixError
@@ -104,12 +107,10 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
     start, losses = 0, []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, losses = state["step"], state["losses"]
-        log.info("%s: resuming at step %d of %d", desc, start, cfg.steps)
+        resumed = load_checkpoint(checkpoint, model, opt, sched, desc)
+        if resumed is not None:
+            start, losses = resumed
+            log.info("%s: resuming at step %d of %d", desc, start, cfg.steps)
     model.train()
     pmodel, opt = accelerator.prepare(model, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -132,15 +133,69 @@ def train(
         done = step + 1
         if checkpoint is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             if accelerator.is_main_process:
-                state = {"model": accelerator.unwrap_model(pmodel).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "step": done, "losses": losses}
-                with atomic_path(checkpoint) as tmp:
-                    torch.save(state, tmp)
+                save_checkpoint(checkpoint, accelerator.unwrap_model(pmodel), opt, sched, done, losses)
             accelerator.wait_for_everyone()
     accelerator.free_memory()  # prepare() keeps references: without this every expert stays in memory
     del pmodel, opt
     model.eval()
     return losses
+
+
+_META = "mergemix.checkpoint"
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, step: int, losses: list[float]) -> None:
+    """Write a resume checkpoint as one safetensors file, atomically: tensors (parameters, optimizer
+    state, the CPU RNG state) as tensors, and step, losses, optimizer hyper-parameters and the scheduler's
+    counters as JSON in its metadata. Nothing in it is a pickle, so loading it cannot run code."""
+    tensors = {f"model/{n}": p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
+    opt_state = opt.state_dict()
+    scalars: dict[str, dict[str, float | int | bool]] = {}
+    for idx, entry in opt_state["state"].items():
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                tensors[f"optim/{idx}/{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    tensors["rng/cpu"] = torch.get_rng_state()
+    meta = {"step": step, "losses": losses, "param_groups": opt_state["param_groups"], "optim_scalars": scalars,
+            "scheduler": sched.state_dict()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, desc: str) -> tuple[int, list[float]] | None:
+    """Restore a checkpoint written by `save_checkpoint` into model, optimizer and scheduler; return
+    (step, losses). A file that is not one (an old pickle, a planted or foreign file, another model's) is
+    never unpickled or executed: it is reported in one line and training starts over (None)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_META])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        params = dict(model.named_parameters())
+        saved = {k.removeprefix("model/") for k in tensors if k.startswith("model/")}
+        if saved != set(params) or any(tensors[f"model/{n}"].shape != p.shape for n, p in params.items()):
+            raise ValueError("its parameters do not match the model's")
+        state: dict[int, dict[str, object]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, idx, name = k.split("/", 2)
+                state.setdefault(int(idx), {})[name] = v
+        for idx, entry in meta["optim_scalars"].items():
+            state.setdefault(int(idx), {}).update(entry)
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+        opt.load_state_dict({"state": state, "param_groups": groups})  # checks the groups before changing
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: %s is not a resume checkpoint of this model (%s); starting over", desc, path, e)
+        return None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"model/{n}"])
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng/cpu"])
+    return meta["step"], list(meta["losses"])
 
 
 def remove_checkpoint(path: Path | None) -> None:

@@ -28,7 +28,7 @@ def test_resumed_training_equals_uninterrupted(tiny_lm: tuple[Any, Any], tmp_pat
             raise Killed
         return sampler(step)
 
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt.safetensors"
     resumed = copy.deepcopy(model)
     with pytest.raises(Killed):
         train(resumed, dies_at_step_5, cfg, checkpoint=ckpt)
@@ -55,3 +55,60 @@ def test_constant_schedule_after_warmup() -> None:
     assert cfg.lr_factor(4) == cfg.lr_factor(99) == 1.0
     cos = TrainConfig(steps=100, lr=1.0, warmup_steps=0, schedule="cosine")
     assert cos.lr_factor(0) == pytest.approx(1.0) and cos.lr_factor(100) == pytest.approx(0.1)
+
+
+class _Planted:
+    """Unpickling this creates `marker`: a stand-in for code planted in a run directory."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["ckpt.safetensors", "ckpt.pt"])
+def test_planted_pickle_is_never_loaded(tiny_lm: tuple[Any, Any], tmp_path: Path, name: str,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    import pickle
+
+    model, tok = tiny_lm
+    pools = (torch.randint(0, len(tok), (20, 16)),)
+    sampler = Sampler(pools, (1.0,), batch_size=4, seed=3)
+    cfg = TrainConfig(steps=3, lr=1e-3, warmup_steps=0, checkpoint_every=10)
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / name
+    ckpt.write_bytes(pickle.dumps({"model": _Planted(marker)}))
+    straight = copy.deepcopy(model)
+    losses = train(straight, sampler, cfg)
+    planted = copy.deepcopy(model)
+    with caplog.at_level("WARNING"):
+        losses2 = train(planted, sampler, cfg, checkpoint=ckpt)
+    assert not marker.exists()
+    assert "is not a resume checkpoint of this model" in caplog.text and "starting over" in caplog.text
+    assert losses2 == pytest.approx(losses) and len(losses2) == cfg.steps  # a clean restart from step 0
+
+
+def test_checkpoint_holds_no_pickle(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    """The checkpoint is a plain safetensors file: tensors plus JSON metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    model, tok = tiny_lm
+    sampler = Sampler((torch.randint(0, len(tok), (20, 16)),), (1.0,), batch_size=4, seed=3)
+    cfg = TrainConfig(steps=4, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+
+    def dies_at_step_3(step: int) -> torch.Tensor:
+        if step == 3:
+            raise Killed
+        return sampler(step)
+
+    ckpt = tmp_path / "ckpt.safetensors"
+    with pytest.raises(Killed):
+        train(copy.deepcopy(model), dies_at_step_3, cfg, checkpoint=ckpt)
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()["mergemix.checkpoint"])
+        keys = set(f.keys())
+    assert meta["step"] == 2 and len(meta["losses"]) == 2
+    assert {f"model/{n}" for n, _ in model.named_parameters()} <= keys and any(k.startswith("optim/") for k in keys)

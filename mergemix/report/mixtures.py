@@ -91,7 +91,7 @@ def mixture_run(
     """Train (or reuse) one real model on `mixture` with seed number `seed_index`; return its record:
     raw scores, tokens trained, final training loss."""
     path = out_dir / f"{key}.json"
-    checkpoint = out_dir / f"{key}.pt"
+    checkpoint = out_dir / f"{key}.checkpoint.safetensors"
     if path.exists():
         remove_checkpoint(checkpoint)  # left by a kill between saving the result and cleaning up
         return read_json(path)
