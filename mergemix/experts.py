@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mergemix.artifacts import atomic_path, read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
+from mergemix.merge.check import check_expert_file, tensor_specs
 from mergemix.recipe import Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
 
@@ -76,6 +77,7 @@ def train_experts(
     pools = tuple(blocks[n].blocks["expert"] for n in general)
     probs = general_probs(blocks, general)
     accelerator = make_accelerator(recipe.device)
+    base_specs = tensor_specs(dict(base.named_parameters()))
     experts = []
     for name in names:
         out = run_dir / "experts" / name
@@ -84,9 +86,14 @@ def train_experts(
         if manifest_path.exists() and (out / MODEL_FILE).exists():
             manifest = read_json(manifest_path)
             if manifest.get("key") == key:
-                log.info("expert %s: reusing %s", name, out)
-                experts.append(Expert(name, out, key, manifest))
-                continue
+                # The key says the weights are current, but the file may have been replaced since.
+                problem = check_expert_file(out / MODEL_FILE, base_specs)
+                if problem is None:
+                    log.info("expert %s: reusing %s", name, out)
+                    experts.append(Expert(name, out, key, manifest))
+                    continue
+                log.warning("expert %s: %s does not match the base: %s; training it again",
+                            name, out / MODEL_FILE, problem)
         out.mkdir(parents=True, exist_ok=True)
         manifest_path.unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
         model = copy.deepcopy(base)

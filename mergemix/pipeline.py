@@ -179,7 +179,7 @@ def run_proposal(ws: Workspace) -> Proposed:
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                               ws.cache_dir, ws.benchmark_data)
-        merger = InPlaceMerger(ws.model, [e.state() for e in ws.experts], recipe.merge.method)
+        merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge.method)
         names = recipe.domain_names
 
         def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergemix.errors import MergemixError
 from mergemix.merge import InPlaceMerger
+from mergemix.merge.check import check_expert_file, tensor_specs
 
 
 def _model() -> torch.nn.Module:
@@ -51,3 +57,28 @@ def test_wrong_alpha_length() -> None:
         assert "expected (1,)" in str(e)
     else:
         raise AssertionError("no error for a wrong alpha length")
+
+
+def test_an_expert_of_another_shape_is_refused_naming_it_and_the_tensor() -> None:
+    model = _model()
+    good = _expert(model, 0.1)
+    bad = {**good, "1.weight": torch.zeros(3, 3)}
+    with pytest.raises(MergemixError, match=r"^expert math: .*tensor 1\.weight has shape \[3, 3\], the base's is "
+                       r"\[2, 3\]$"):
+        InPlaceMerger(model, {"code": good, "math": bad})
+    with pytest.raises(MergemixError, match="expert code: .*tensor 0.weight is BF16, the base's is F32"):
+        InPlaceMerger(model, {"code": {**good, "0.weight": good["0.weight"].bfloat16()}})
+    with pytest.raises(MergemixError, match="expert #0: .*tensor 2.weight is not in the base"):
+        InPlaceMerger(model, [{**good, "2.weight": torch.zeros(1)}])
+
+
+def test_expert_file_check_reads_the_header(tmp_path: Path) -> None:
+    model = _model()
+    specs = tensor_specs(dict(model.named_parameters()))
+    path = tmp_path / "e.safetensors"
+    save_file({n: p.detach().clone() for n, p in model.named_parameters()}, str(path))
+    assert check_expert_file(path, specs) is None
+    save_file({n: p.detach().clone() for n, p in model.named_parameters() if n != "0.bias"}, str(path))
+    assert check_expert_file(path, specs) == "tensor 0.bias of the base is missing"
+    path.write_bytes(b"not a model")
+    assert "cannot read it" in str(check_expert_file(path, specs))
