@@ -19,7 +19,7 @@ from mergemix.artifacts import atomic_path, read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
 from mergemix.merge.check import check_expert_file, tensor_specs
 from mergemix.recipe import Recipe
-from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
+from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,18 @@ def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], 
     data = [blocks[domain].content_hash] + (
         [blocks[d].content_hash for d in sorted(blocks)] if spec.replay > 0 else []
     )
-    training = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every"})
+    training = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every", *spec.train_fields()})
     return stable_hash([base_hash, data, training, spec.num_steps(recipe.data.seq_len), recipe.data.seq_len,
-                        _seed(recipe.seed, domain), domain])
+                        _seed(recipe.seed, domain), domain, *precision_key(recipe)])
+
+
+def precision_key(recipe: Recipe) -> list[str]:
+    """What the training precision adds to a cache key: nothing for float32 training of a float32 base (the
+    keys of such runs predate the field), else the resolved precision. Micro-batches and gradient
+    checkpointing change results only by float rounding and are left out."""
+    device = "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(recipe.experts.precision, device)
+    return [] if precision == "fp32" and recipe.base.dtype == "float32" else [f"train-{precision}-master-fp32"]
 
 
 def _seed(seed: int, domain: str) -> int:
@@ -100,7 +109,8 @@ def train_experts(
         sampler = Sampler(pools, probs, spec.batch_size, seed=_seed(recipe.seed, name),
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
         cfg = TrainConfig(steps=steps, lr=spec.lr, warmup_steps=spec.warmup_steps, schedule="constant",
-                          weight_decay=spec.weight_decay, betas=spec.betas, checkpoint_every=spec.checkpoint_every)
+                          weight_decay=spec.weight_decay, betas=spec.betas, checkpoint_every=spec.checkpoint_every,
+                          **spec.train_fields())
         checkpoint = out / f"checkpoint-{key}.safetensors"
         losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"expert {name}", accelerator=accelerator)
         params = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}

@@ -21,7 +21,7 @@ from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, read_benchmarks
-from mergemix.experts import Expert, general_probs, train_experts
+from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
 from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
@@ -165,6 +165,7 @@ def start(recipe: Recipe) -> Workspace:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MergemixError("run mergemix as a single process: a multi-GPU launch (accelerate launch, torchrun) "
                             "is not supported yet; one GPU is used when present")
+    precision_key(recipe)  # a precision this device cannot train in fails here, before any training
     ws = _setup(recipe)
     prepare_base_and_data(ws)
     return ws

@@ -148,6 +148,19 @@ class ExpertSpec(_Model):
         "objectives that are the domains' own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78)",
     )
     checkpoint_every: int = Field(50, gt=0, description="save a resumable checkpoint every this many steps")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="sequences per forward/backward on each process; gradients are accumulated over "
+        "batch_size / (micro_batch_size x processes) micro-batches, the same update as one full batch. "
+        "Default: each process's whole share of the batch at once",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations during backward: less memory, about a third more compute"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision (expert and report runs; separate from base.dtype, the load "
+        "dtype): weights and AdamW state are float32 in all; bf16/fp16 compute the forward pass under autocast, "
+        "fp16 with a loss scaler (CUDA only). auto: bf16 on a CUDA GPU that supports it, else fp32",
+    )
 
     @model_validator(mode="after")
     def _budget(self) -> ExpertSpec:
@@ -158,7 +171,14 @@ class ExpertSpec(_Model):
         for b in self.betas:
             if not 0 <= b < 1:
                 raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})")
         return self
+
+    def train_fields(self) -> dict[str, Any]:
+        """The fields that set how (not what) each step computes, as TrainConfig takes them."""
+        return {"micro_batch_size": self.micro_batch_size, "gradient_checkpointing": self.gradient_checkpointing,
+                "precision": self.precision}
 
     def num_steps(self, seq_len: int) -> int:
         if self.steps is not None:

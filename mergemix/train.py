@@ -7,6 +7,7 @@ global batch and keeps its own slice of rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -67,6 +68,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     checkpoint_every: int = 50
     max_grad_norm: float = 1.0
+    micro_batch_size: int | None = None  # rows per forward/backward on each process; None: all its rows at once
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF models' own switch)
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (see resolve_precision)
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -83,6 +87,23 @@ def make_accelerator(device: str = "auto"):  # -> accelerate.Accelerator
     return Accelerator(cpu=device == "cpu")
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: str, field: str = "experts.precision") -> str:
+    """The training precision `precision` means on `device` ("cpu" or "cuda"): auto is bf16 on a CUDA GPU
+    that supports it and fp32 elsewhere. A combination that cannot work is a MergemixError naming `field`."""
+    bf16_ok = device == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if bf16_ok else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise MergemixError(f"{field}: fp16 needs a CUDA GPU (float16 autocast and its loss scaler); "
+                            "use bf16 or fp32 on CPU")
+    if precision == "bf16" and device == "cuda" and not bf16_ok:
+        raise MergemixError(f"{field}: this GPU has no bfloat16 support; use fp16 (with its loss scaler) or fp32")
+    return precision
+
+
 def train(
     model: torch.nn.Module,
     sampler: Callable[[int], torch.Tensor],
@@ -91,12 +112,25 @@ def train(
     desc: str = "train",
     accelerator=None,
 ) -> list[float]:
-    """Train `model` in place for `cfg.steps` AdamW steps; return the loss of every step.
+    """Train `model` in place for `cfg.steps` AdamW steps; return the (global batch) loss of every step.
+
+    Precision: the weights and AdamW state are always float32 (a model loaded in bf16/fp16 is upcast for
+    training and cast back after); bf16/fp16 run the forward pass under autocast, fp16 with a dynamic loss
+    scaler. Autocast and scaler are torch's own rather than accelerate's mixed_precision, because
+    accelerate fixes that once per process and the demo base (fp32) trains in the same process as experts.
+
+    Each process takes its rows of the global batch (rank::world) and splits them into micro-batches of
+    `cfg.micro_batch_size`; gradients are summed over micro-batches with each loss divided by their
+    number (every row has the same number of tokens, so this is the mean over the global batch) and
+    averaged over processes by DDP, so the update equals one full-batch step to float rounding.
 
     With `checkpoint`, state (weights, optimizer, losses) is saved there every `cfg.checkpoint_every`
     steps and a run finding one resumes from it. The caller removes the checkpoint once the result is saved.
     """
     accelerator = accelerator or make_accelerator()
+    precision = resolve_precision(cfg.precision, accelerator.device.type)
+    load_dtype = next(model.parameters()).dtype
+    model.float()  # float32 master weights
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -105,47 +139,107 @@ def train(
         betas=cfg.betas,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start, losses = 0, []
     if checkpoint is not None and checkpoint.exists():
-        resumed = load_checkpoint(checkpoint, model, opt, sched, desc)
+        resumed = load_checkpoint(checkpoint, model, opt, sched, desc, scaler)
         if resumed is not None:
             start, losses = resumed
             log.info("%s: resuming at step %d of %d", desc, start, cfg.steps)
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, True)
     model.train()
     pmodel, opt = accelerator.prepare(model, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
     bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, leave=False,
-               disable=not accelerator.is_local_main_process)
+                   disable=not accelerator.is_local_main_process)
     for step in bar:
-        batch = sampler(step)[rank::world].to(accelerator.device)
-        loss = pmodel(input_ids=batch, labels=batch).loss
-        accelerator.backward(loss)
+        batch = sampler(step)
+        micro = _micro_batch(len(batch), world, cfg.micro_batch_size)
+        chunks = batch[rank::world].to(device).split(micro)
+        loss = torch.zeros((), device=device)
+        for i, chunk in enumerate(chunks):
+            with contextlib.ExitStack() as stack:
+                if i < len(chunks) - 1:
+                    stack.enter_context(accelerator.no_sync(pmodel))  # all-reduce once, after the last
+                if precision in AUTOCAST:
+                    stack.enter_context(torch.autocast(device.type, dtype=AUTOCAST[precision]))
+                part = pmodel(input_ids=chunk, labels=chunk).loss.float() / len(chunks)
+                accelerator.backward(scaler.scale(part) if scaler else part)
+            loss += part.detach()
+        if scaler:
+            scaler.unscale_(opt)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(pmodel.parameters(), cfg.max_grad_norm)
-        opt.step()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        value = accelerator.reduce(loss, reduction="mean").item()
         if not math.isfinite(value):
-            raise MergemixError(f"{desc}: loss is {value} at step {step}; lower the learning rate")
+            raise MergemixError(f"{desc}: loss is {value} at step {step}; {_nan_cause(precision, cfg.lr)}")
         losses.append(value)
         bar.set_postfix(loss=f"{value:.3f}")
         done = step + 1
         if checkpoint is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint, accelerator.unwrap_model(pmodel), opt, sched, done, losses)
+                save_checkpoint(checkpoint, accelerator.unwrap_model(pmodel), opt, sched, done, losses, scaler)
             accelerator.wait_for_everyone()
     accelerator.free_memory()  # prepare() keeps references: without this every expert stays in memory
     del pmodel, opt
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, False)
+    model.to(load_dtype)
     model.eval()
     return losses
+
+
+def _checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Switch a HF model's activation checkpointing (renamed from gradient_checkpointing in transformers 5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _micro_batch(rows: int, world: int, micro: int | None) -> int:
+    """Rows per micro-batch on each process; a global batch that does not split evenly is a MergemixError."""
+    if rows % world:
+        raise MergemixError(f"experts.batch_size: {rows} sequences do not split evenly over {world} processes; "
+                            f"use a multiple of {world}")
+    per_rank = rows // world
+    if micro is None:
+        return per_rank
+    if per_rank % micro:
+        raise MergemixError(f"experts.micro_batch_size: {micro} does not divide the {per_rank} sequences each of "
+                            f"the {world} processes gets per step (batch_size {rows}); use a divisor of {per_rank}")
+    return micro
+
+
+def _nan_cause(precision: str, lr: float) -> str:
+    """What most likely made the loss NaN/inf, and what to do."""
+    if precision == "fp16":
+        return ("float16 activations overflowed (the loss scaler cannot fix a forward overflow); use "
+                "experts.precision bf16 (on a GPU that has it) or fp32")
+    return (f"the weights are float32, so the learning rate ({lr:g}) is the likely cause: lower it, or check "
+            "that the base loads correctly in float32")
 
 
 _META = "mergemix.checkpoint"
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, step: int, losses: list[float]) -> None:
+                    sched: torch.optim.lr_scheduler.LRScheduler, step: int, losses: list[float],
+                    scaler: torch.amp.GradScaler | None = None) -> None:
     """Write a resume checkpoint as one safetensors file, atomically: tensors (parameters, optimizer
     state, the CPU RNG state) as tensors, and step, losses, optimizer hyper-parameters and the scheduler's
     counters as JSON in its metadata. Nothing in it is a pickle, so loading it cannot run code."""
@@ -160,13 +254,14 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
                 scalars.setdefault(str(idx), {})[k] = v
     tensors["rng/cpu"] = torch.get_rng_state()
     meta = {"step": step, "losses": losses, "param_groups": opt_state["param_groups"], "optim_scalars": scalars,
-            "scheduler": sched.state_dict()}
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META: json.dumps(meta)})
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, desc: str) -> tuple[int, list[float]] | None:
+                    sched: torch.optim.lr_scheduler.LRScheduler, desc: str,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[float]] | None:
     """Restore a checkpoint written by `save_checkpoint` into model, optimizer and scheduler; return
     (step, losses). A file that is not one (an old pickle, a planted or foreign file, another model's) is
     never unpickled or executed: it is reported in one line and training starts over (None)."""
@@ -194,6 +289,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         for n, p in params.items():
             p.copy_(tensors[f"model/{n}"])
     sched.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng/cpu"])
     return meta["step"], list(meta["losses"])
 

@@ -100,3 +100,12 @@ def test_progress_bars_stay_out_of_quiet_runs_and_logs(micro_recipe_file: Path, 
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "%|" not in proc.stderr, proc.stderr[-2000:]
     assert ("stage experts" in proc.stderr) != quiet  # the log itself is still there without -q
+
+
+def test_fp16_on_cpu_is_one_line_before_any_training(micro_recipe_file: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "propose", str(micro_recipe_file), "experts.precision=fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: experts.precision: fp16 needs a CUDA GPU (float16 autocast and its loss scaler); "
+                   "use bf16 or fp32 on CPU")
+    assert not (micro_recipe_file.parent / "run").exists()

@@ -183,3 +183,9 @@ def test_benchmark_fields_are_checked(micro_recipe_file: Path, bench: dict, patt
     raw["evaluation"]["benchmarks"][2] = {"name": "b", **bench}
     with pytest.raises(MergemixError, match=r"evaluation.benchmarks\[2\]: " + pattern):
         recipe_from_dict(raw)
+
+
+def test_micro_batch_must_divide_batch(micro_recipe_file: Path) -> None:
+    with pytest.raises(MergemixError, match=r"experts: .*micro_batch_size \(3\) must divide batch_size \(8\)"):
+        load_recipe(micro_recipe_file, ["experts.micro_batch_size=3"])
+    assert load_recipe(micro_recipe_file, ["experts.micro_batch_size=2"]).experts.micro_batch_size == 2

@@ -22,6 +22,7 @@ import torch
 
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
+from mergemix.experts import precision_key
 from mergemix.recipe import Recipe
 from mergemix.search.trials import alpha_key
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
@@ -75,7 +76,8 @@ def run_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], alp
     training = [e.batch_size, e.lr, e.warmup_steps, e.weight_decay, list(e.betas),
                 recipe.report.num_steps(e, recipe.data.seq_len), recipe.data.seq_len]
     data = [blocks[d].content_hash for d in recipe.domain_names]
-    return stable_hash([base_hash, data, alpha_key(alpha), recipe.seed, seed_index, training, bench_key])
+    return stable_hash([base_hash, data, alpha_key(alpha), recipe.seed, seed_index, training, bench_key,
+                        *precision_key(recipe)])
 
 
 def mixture_run(
@@ -104,7 +106,8 @@ def mixture_run(
     sampler = Sampler(tuple(blocks[d].blocks["expert"] for d in names), tuple(mixture.alpha[d] for d in names),
                       e.batch_size, seed=seed)
     cfg = TrainConfig(steps=steps, lr=e.lr, warmup_steps=e.warmup_steps, schedule="constant",
-                      weight_decay=e.weight_decay, betas=e.betas, checkpoint_every=e.checkpoint_every)
+                      weight_decay=e.weight_decay, betas=e.betas, checkpoint_every=e.checkpoint_every,
+                      **e.train_fields())
     out_dir.mkdir(parents=True, exist_ok=True)
     losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"{mixture.label} seed {seed_index}",
                    accelerator=make_accelerator(recipe.device))
