@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mergemix.artifacts import atomic_path, read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
 from mergemix.merge.check import check_expert_file, tensor_specs
+from mergemix.merge.lazy import SafetensorsState
 from mergemix.recipe import Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
 
@@ -34,8 +35,9 @@ class Expert:
     key: str
     manifest: dict
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / MODEL_FILE))
+    def state(self) -> SafetensorsState:
+        """The expert's parameters, read from the memory-mapped file as they are used."""
+        return SafetensorsState(self.path / MODEL_FILE)
 
 
 def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], domain: str) -> str:

@@ -41,6 +41,10 @@ def file_specs(path: str | Path) -> dict[str, Spec]:
 
 
 def tensor_specs(state: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
+    """Name → (shape, dtype code); a lazily read state answers from its file's header (its `specs`)."""
+    specs = getattr(state, "specs", None)
+    if specs is not None:
+        return dict(specs)
     return {k: (tuple(t.shape), dtype_code(t.dtype)) for k, t in state.items()}
 
 
