@@ -1,21 +1,27 @@
 """Train (or reuse) one expert per domain from the shared base.
 
-An expert's directory holds `model.safetensors` (its parameters) and `manifest.json` (what it was trained
-from and how, plus its loss curve). The manifest's `key` hashes every input: base, data, recipe fields,
-seed. An expert whose key matches is reused; one whose training was killed resumes from its checkpoint.
+An expert's directory is a Hugging Face checkpoint that other tools open as it is (config.json, the
+tokenizer, model*.safetensors in the base's dtype) plus `manifest.json` ("kind": "full"; what it was
+trained from and how, plus its loss curve), written last: a directory without a manifest is unfinished.
+The manifest's `key` hashes every input: base, data, recipe fields, seed. An expert whose key matches is
+reused; one whose training was killed resumes from its checkpoint.
+
+Under a multi-process launch (accelerate launch, torchrun) every process trains its rows of each batch
+and the main process alone writes the expert.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mergemix.artifacts import atomic_path, read_json, stable_hash, write_json
+from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
 from mergemix.recipe import Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
@@ -23,7 +29,9 @@ from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkp
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's map of a sharded checkpoint
 MANIFEST = "manifest.json"
+KIND = "full"  # a full-parameter expert saved as a Hugging Face checkpoint
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,14 @@ class Expert:
     manifest: dict
 
     def state(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / MODEL_FILE))
+        """Parameter name → tensor, as saved (a tied output embedding is stored once, like the base's
+        named_parameters give it)."""
+        index = self.path / WEIGHTS_INDEX
+        files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else [MODEL_FILE]
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(self.path / f)))
+        return state
 
 
 def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], domain: str) -> str:
@@ -69,14 +84,32 @@ def general_probs(blocks: dict[str, DomainBlocks], names: list[str]) -> tuple[fl
     return tuple(blocks[n].n_tokens / total for n in names)
 
 
+def _finished(out: Path, key: str, name: str) -> dict | None:
+    """The manifest of a finished expert for `key` in `out`, or None if it must be trained."""
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("key") != key:
+        return None
+    if manifest.get("kind") != KIND:
+        log.info("expert %s: %s holds weights only (an older layout without config or tokenizer); training it "
+                 "again", name, out)
+        return None
+    return manifest
+
+
 def train_experts(
     recipe: Recipe,
     base: torch.nn.Module,
     base_hash: str,
     blocks: dict[str, DomainBlocks],
     run_dir: Path,
+    tokenizer: object = None,
+    domains: Sequence[str] | None = None,
 ) -> list[Expert]:
-    """One expert per domain, in recipe order; unchanged experts are reused, interrupted ones resumed."""
+    """One expert per domain (only those in `domains` if given), in recipe order; unchanged experts are
+    reused, interrupted ones resumed. `tokenizer` is saved beside each expert's weights."""
     spec = recipe.experts
     names = recipe.domain_names
     steps = spec.num_steps(recipe.data.seq_len)
@@ -85,19 +118,20 @@ def train_experts(
     pools = tuple(blocks[n].blocks["expert"] for n in general)
     probs = general_probs(blocks, general)
     accelerator = make_accelerator(recipe.device)
+    main = accelerator.is_main_process
     experts = []
-    for name in names:
+    for name in [n for n in names if domains is None or n in domains]:
         out = run_dir / "experts" / name
         key = expert_key(recipe, base_hash, blocks, name)
-        manifest_path = out / MANIFEST
-        if manifest_path.exists() and (out / MODEL_FILE).exists():
-            manifest = read_json(manifest_path)
-            if manifest.get("key") == key:
-                log.info("expert %s: reusing %s", name, out)
-                experts.append(Expert(name, out, key, manifest))
-                continue
-        out.mkdir(parents=True, exist_ok=True)
-        manifest_path.unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
+        manifest = _finished(out, key, name)
+        accelerator.wait_for_everyone()  # every process has decided before the main one changes anything
+        if manifest is not None:
+            log.info("expert %s: reusing %s", name, out)
+            experts.append(Expert(name, out, key, manifest))
+            continue
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MANIFEST).unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
         model = copy.deepcopy(base)
         sampler = Sampler(pools, probs, spec.batch_size, seed=_seed(recipe.seed, name),
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
@@ -106,11 +140,9 @@ def train_experts(
                           **spec.train_fields())
         checkpoint = out / f"checkpoint-{key}.safetensors"
         losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"expert {name}", accelerator=accelerator)
-        params = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
-        with atomic_path(out / MODEL_FILE) as tmp:
-            save_file(params, str(tmp))
         manifest = {
             "key": key,
+            "kind": KIND,
             "domain": name,
             "base_hash": base_hash,
             "data_hash": blocks[name].content_hash,
@@ -119,11 +151,23 @@ def train_experts(
             "replay": spec.replay,
             "lr": spec.lr,
             "seed": recipe.seed,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "loss_curve": [round(x, 5) for x in losses],
         }
-        write_json(manifest_path, manifest)
-        remove_checkpoint(checkpoint)
-        log.info("expert %s: %d steps, loss %.3f → %.3f", name, steps, losses[0], losses[-1])
+        if main:
+            save_expert(model, tokenizer, out, manifest)
+            remove_checkpoint(checkpoint)
+            log.info("expert %s: %d steps, loss %.3f → %.3f, saved to %s", name, steps, losses[0], losses[-1], out)
+        accelerator.wait_for_everyone()  # the expert is on disk before any process reads it
         experts.append(Expert(name, out, key, manifest))
         del model
     return experts
+
+
+def save_expert(model: torch.nn.Module, tokenizer: object, out: Path, manifest: dict) -> None:
+    """`model` (in its own dtype) and `tokenizer` as a Hugging Face directory, then `manifest` last: a kill
+    before the manifest leaves an expert that is trained again, never one that is half written."""
+    model.save_pretrained(out)  # type: ignore[attr-defined]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    write_json(out / MANIFEST, manifest)
