@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("propose", "train experts, search mixtures, write proposal.json"),
                         ("evaluate", "score the base and every expert on every benchmark metric"),
                         ("validate", "check a recipe and print it with every default filled in"),
+                        ("experts", "train (or reuse) experts only, e.g. one domain per job; propose then reuses them"),
                         ("report", "train real models on a few mixtures and show how well the merged proxy ranks "
                                    "them: report/index.html, report.md, consistency.json")):
         s = sub.add_parser(name, help=help_)
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_chars=1000000")
         if name in ("propose", "report"):
             s.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+        if name == "experts":
+            s.add_argument("--domain", action="append", metavar="NAME",
+                           help="train only this domain's expert (repeatable; default: every domain)")
         if name == "evaluate":
             s.add_argument("--stability", action="store_true",
                            help="also score the path base → expert (t = 0, .25, .5, .75, 1) and print Kendall tau "
@@ -78,9 +82,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(report.table())
             print(f"\nwrote {recipe.resolved_run_dir() / 'stability.json'} in {time.perf_counter() - start:.0f} s")
             return 0
+        if args.command == "experts":
+            from mergemix.pipeline import is_main_process, train_experts_only
+
+            experts = train_experts_only(recipe, args.domain)
+            if is_main_process():
+                for e in experts:
+                    print(f"expert {e.domain}: {e.path}")
+            return 0
         from mergemix.pipeline import propose
 
         proposal = propose(recipe)
+        if proposal is None:  # another process of a multi-process launch: the main one reports
+            return 0
         if args.json:
             print(json.dumps(proposal.model_dump(mode="json"), indent=2, sort_keys=True))
         else:

@@ -1,23 +1,28 @@
 """Train (or reuse) one expert per domain from the shared base.
 
-An expert's directory holds `model.safetensors` (its parameters) and `manifest.json` (what it was trained
-from and how, plus its loss curve). The manifest's `key` hashes every input: base, data, recipe fields,
-seed. An expert whose key matches is reused; one whose training was killed resumes from its checkpoint.
+An expert's directory is a Hugging Face checkpoint that other tools open as it is (config.json, the
+tokenizer, model*.safetensors in the base's dtype) plus `manifest.json` ("kind": "full"; what it was
+trained from and how, plus its loss curve), written last: a directory without a manifest is unfinished.
+The manifest's `key` hashes every input: base, data, recipe fields, seed. An expert whose key matches is
+reused; one whose training was killed resumes from its checkpoint.
+
+Under a multi-process launch (accelerate launch, torchrun) every process trains its rows of each batch
+and the main process alone writes the expert.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from mergemix.artifacts import atomic_path, read_json, stable_hash, write_json
+from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
-from mergemix.merge.check import check_expert_file, tensor_specs
+from mergemix.merge.check import Spec, check_expert_file, tensor_specs
 from mergemix.merge.lazy import SafetensorsState
 from mergemix.recipe import Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
@@ -25,7 +30,9 @@ from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkp
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's map of a sharded checkpoint
 MANIFEST = "manifest.json"
+KIND = "full"  # a full-parameter expert saved as a Hugging Face checkpoint
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,16 @@ class Expert:
     manifest: dict
 
     def state(self) -> SafetensorsState:
-        """The expert's parameters, read from the memory-mapped file as they are used."""
-        return SafetensorsState(self.path / MODEL_FILE)
+        """Parameter name → tensor as saved (a tied output embedding is stored once, like the base's
+        named_parameters give it), read from the memory-mapped shards as they are used."""
+        return SafetensorsState(weight_files(self.path))
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the Hugging Face checkpoint in `path`: its shards, or its one file."""
+    index = path / WEIGHTS_INDEX
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else [MODEL_FILE]
+    return [path / f for f in files]
 
 
 def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], domain: str) -> str:
@@ -72,14 +87,38 @@ def general_probs(blocks: dict[str, DomainBlocks], names: list[str]) -> tuple[fl
     return tuple(blocks[n].n_tokens / total for n in names)
 
 
+def _finished(out: Path, key: str, name: str, base: dict[str, Spec]) -> dict | None:
+    """The manifest of a finished expert for `key` in `out`, or None if it must be trained. The key says the
+    weights are current, but the files may have been replaced since: their tensors (names, shapes, dtypes,
+    from the headers) are checked against the base's `specs`."""
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("key") != key:
+        return None
+    if manifest.get("kind") != KIND:
+        log.info("expert %s: %s holds weights only (an older layout without config or tokenizer); training it "
+                 "again", name, out)
+        return None
+    problem = check_expert_file(weight_files(out), base)
+    if problem is not None:
+        log.warning("expert %s: %s does not match the base: %s; training it again", name, out, problem)
+        return None
+    return manifest
+
+
 def train_experts(
     recipe: Recipe,
     base: torch.nn.Module,
     base_hash: str,
     blocks: dict[str, DomainBlocks],
     run_dir: Path,
+    tokenizer: object = None,
+    domains: Sequence[str] | None = None,
 ) -> list[Expert]:
-    """One expert per domain, in recipe order; unchanged experts are reused, interrupted ones resumed."""
+    """One expert per domain (only those in `domains` if given), in recipe order; unchanged experts are
+    reused, interrupted ones resumed. `tokenizer` is saved beside each expert's weights."""
     spec = recipe.experts
     names = recipe.domain_names
     steps = spec.num_steps(recipe.data.seq_len)
@@ -88,25 +127,21 @@ def train_experts(
     pools = tuple(blocks[n].blocks["expert"] for n in general)
     probs = general_probs(blocks, general)
     accelerator = make_accelerator(recipe.device)
+    main = accelerator.is_main_process
     base_specs = tensor_specs(dict(base.named_parameters()))
     experts = []
-    for name in names:
+    for name in [n for n in names if domains is None or n in domains]:
         out = run_dir / "experts" / name
         key = expert_key(recipe, base_hash, blocks, name)
-        manifest_path = out / MANIFEST
-        if manifest_path.exists() and (out / MODEL_FILE).exists():
-            manifest = read_json(manifest_path)
-            if manifest.get("key") == key:
-                # The key says the weights are current, but the file may have been replaced since.
-                problem = check_expert_file(out / MODEL_FILE, base_specs)
-                if problem is None:
-                    log.info("expert %s: reusing %s", name, out)
-                    experts.append(Expert(name, out, key, manifest))
-                    continue
-                log.warning("expert %s: %s does not match the base: %s; training it again",
-                            name, out / MODEL_FILE, problem)
-        out.mkdir(parents=True, exist_ok=True)
-        manifest_path.unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
+        manifest = _finished(out, key, name, base_specs)
+        accelerator.wait_for_everyone()  # every process has decided before the main one changes anything
+        if manifest is not None:
+            log.info("expert %s: reusing %s", name, out)
+            experts.append(Expert(name, out, key, manifest))
+            continue
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MANIFEST).unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
         model = copy.deepcopy(base)
         sampler = Sampler(pools, probs, spec.batch_size, seed=_seed(recipe.seed, name),
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
@@ -115,11 +150,9 @@ def train_experts(
                           **spec.train_fields())
         checkpoint = out / f"checkpoint-{key}.safetensors"
         losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"expert {name}", accelerator=accelerator)
-        params = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
-        with atomic_path(out / MODEL_FILE) as tmp:
-            save_file(params, str(tmp))
         manifest = {
             "key": key,
+            "kind": KIND,
             "domain": name,
             "base_hash": base_hash,
             "data_hash": blocks[name].content_hash,
@@ -128,11 +161,23 @@ def train_experts(
             "replay": spec.replay,
             "lr": spec.lr,
             "seed": recipe.seed,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "loss_curve": [round(x, 5) for x in losses],
         }
-        write_json(manifest_path, manifest)
-        remove_checkpoint(checkpoint)
-        log.info("expert %s: %d steps, loss %.3f → %.3f", name, steps, losses[0], losses[-1])
+        if main:
+            save_expert(model, tokenizer, out, manifest)
+            remove_checkpoint(checkpoint)
+            log.info("expert %s: %d steps, loss %.3f → %.3f, saved to %s", name, steps, losses[0], losses[-1], out)
+        accelerator.wait_for_everyone()  # the expert is on disk before any process reads it
         experts.append(Expert(name, out, key, manifest))
         del model
     return experts
+
+
+def save_expert(model: torch.nn.Module, tokenizer: object, out: Path, manifest: dict) -> None:
+    """`model` (in its own dtype) and `tokenizer` as a Hugging Face directory, then `manifest` last: a kill
+    before the manifest leaves an expert that is trained again, never one that is half written."""
+    model.save_pretrained(out)  # type: ignore[attr-defined]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    write_json(out / MANIFEST, manifest)

@@ -195,7 +195,10 @@ def build_demo_base(
     sampler = Sampler(tuple(pools), tuple(float(len(p)) for p in pools), spec.batch_size, seed)
     checkpoint = path.parent / f"{path.name}.checkpoint.safetensors"
 
-    losses = train(model, sampler, cfg, checkpoint=checkpoint, desc="demo base", accelerator=make_accelerator(device))
-    save_checkpoint_dir(model, tokenizer, path, extra={"spec": spec.model_dump(), "final_loss": losses[-1]})
-    remove_checkpoint(checkpoint)
+    accelerator = make_accelerator(device)  # under a multi-process launch: data-parallel, the main one saves
+    losses = train(model, sampler, cfg, checkpoint=checkpoint, desc="demo base", accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_checkpoint_dir(model, tokenizer, path, extra={"spec": spec.model_dump(), "final_loss": losses[-1]})
+        remove_checkpoint(checkpoint)
+    accelerator.wait_for_everyone()
     return path

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from mergemix.progress import progress
 from mergemix.proposal import Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial, run_search
+from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,29 @@ class Workspace:
     benchmark_data: dict[str, Any] = field(default_factory=dict)
 
 
+def is_main_process() -> bool:
+    """True in a plain run and in the main process (rank 0) of a multi-process launch."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def _main_process_first(device: str) -> Iterator[None]:
+    """Run the body on the main process first, then on the others (which then find its caches written)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield
+        return
+    with process_state(device).main_process_first():
+        yield
+
+
 def _setup(recipe: Recipe) -> Workspace:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     run_dir = ensure_dir(recipe.resolved_run_dir(), "run_dir")
     cache_dir = ensure_dir(recipe.resolved_cache_dir(), "cache_dir")
-    write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    if is_main_process():
+        write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
     return Workspace(recipe, run_dir, cache_dir, Timings())
 
 
@@ -82,7 +99,7 @@ def prepare_base_and_data(ws: Workspace) -> None:
     r = ws.recipe
     if r.base.path:
         check_checkpoint_dir(r.base.path)  # before minutes of reading data
-    with ws.timings.stage("data"):
+    with ws.timings.stage("data"), _main_process_first(r.device):
         ws.benchmark_data = read_benchmarks(r, ws.cache_dir)  # small files: fail fast
         ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir)
                    for d in progress(r.data.domains, desc="read domains", leave=False)}
@@ -100,7 +117,7 @@ def prepare_base_and_data(ws: Workspace) -> None:
         ws.base_hash = stable_hash([fingerprint(ws.base_path), r.base.dtype])
         if r.device == "auto" and torch.cuda.is_available():
             ws.model.to("cuda")
-    with ws.timings.stage("pack"):
+    with ws.timings.stage("pack"), _main_process_first(r.device):
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
 
 
@@ -153,30 +170,52 @@ class Proposed:
     merger: InPlaceMerger
 
 
-def propose(recipe: Recipe) -> Proposal:
+def propose(recipe: Recipe) -> Proposal | None:
     """Run the MergeMix pipeline for `recipe` and return the proposal (also written to proposal.json in
-    the run directory). Stages whose inputs are unchanged are reused; a killed run resumes."""
-    ws = start(recipe)
-    return run_proposal(ws).proposal
+    the run directory). Stages whose inputs are unchanged are reused; a killed run resumes.
+
+    Under a multi-process launch every process trains the experts data-parallel; the main process then
+    searches and returns the proposal, the others return None as soon as the experts are saved."""
+    ws = start(recipe, distributed=True)
+    proposed = run_proposal(ws)
+    return proposed.proposal if proposed else None
 
 
-def start(recipe: Recipe) -> Workspace:
-    """Set up the run directory and bring base, data and benchmarks into memory."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise MergemixError("run mergemix as a single process: a multi-GPU launch (accelerate launch, torchrun) "
-                            "is not supported yet; one GPU is used when present")
+def train_experts_only(recipe: Recipe, domains: Sequence[str] | None = None) -> list[Expert]:
+    """Train (or reuse) the experts of `domains` (default: all) and stop: one job per expert on its own GPU,
+    node or scheduler slot; a later `propose` reuses every finished one."""
+    unknown = [d for d in domains or [] if d not in recipe.domain_names]
+    if unknown:
+        raise MergemixError(f"--domain: no domain {unknown[0]!r} in the recipe (domains: "
+                            f"{', '.join(recipe.domain_names)})")
+    ws = start(recipe, distributed=True)
+    with ws.timings.stage("experts"):
+        return train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer,
+                             domains=domains)
+
+
+def start(recipe: Recipe, distributed: bool = False) -> Workspace:
+    """Set up the run directory and bring base, data and benchmarks into memory. Commands that cannot run
+    under a multi-process launch yet leave `distributed` False and are refused in one line."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and not distributed:
+        raise MergemixError(f"this command runs as one process, got {processes} (accelerate launch, torchrun); "
+                            "only propose and experts run multi-process: start it with python -m mergemix")
     precision_key(recipe)  # a precision this device cannot train in fails here, before any training
     ws = _setup(recipe)
     prepare_base_and_data(ws)
     return ws
 
 
-def run_proposal(ws: Workspace) -> Proposed:
-    """Experts → search → mixture → proposal.json, on a workspace from `start`."""
+def run_proposal(ws: Workspace) -> Proposed | None:
+    """Experts → search → mixture → proposal.json, on a workspace from `start`. Under a multi-process
+    launch only the main process searches (None elsewhere): every merge and score runs on its one model."""
     recipe = ws.recipe
     assert ws.model is not None and ws.base_path is not None
     with ws.timings.stage("experts"):
-        ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
+        ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer)
+    if not is_main_process():
+        return None
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                               ws.cache_dir, ws.benchmark_data)

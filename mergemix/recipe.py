@@ -475,7 +475,8 @@ class Recipe(_Model):
         None, description="cache for tokenized data and built bases (default $MERGEMIX_CACHE or ~/.cache/mergemix)"
     )
     device: Literal["auto", "cpu"] = Field(
-        "auto", description="auto: the GPU when one is present (one process; multi-GPU launch is not supported yet)"
+        "auto", description="auto: the GPU when one is present (several under accelerate launch or torchrun: "
+        "data-parallel experts); cpu: train on CPU even where there is one"
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice)")
     base: BaseSpec = Field(default_factory=BaseSpec, description="the shared base checkpoint")

@@ -81,10 +81,23 @@ class TrainConfig:
         return 1.0
 
 
+def _cpu(device: str) -> bool:
+    """Whether a run on `device` trains on CPU. Said explicitly to accelerate: under a multi-process
+    launcher (torch.distributed.run) it sets up gloo on a machine without CUDA only when told cpu=True."""
+    return device == "cpu" or not torch.cuda.is_available()
+
+
 def make_accelerator(device: str = "auto"):  # -> accelerate.Accelerator
     from accelerate import Accelerator
 
-    return Accelerator(cpu=device == "cpu")
+    return Accelerator(cpu=_cpu(device))
+
+
+def process_state(device: str = "auto"):  # -> accelerate.PartialState
+    """This process's place in a (multi-process) launch, without building an Accelerator."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu(device))
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,6 +141,10 @@ def train(
     steps and a run finding one resumes from it. The caller removes the checkpoint once the result is saved.
     """
     accelerator = accelerator or make_accelerator()
+    sharded = accelerator.distributed_type.value
+    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise MergemixError(f"accelerate config: {sharded} is not supported yet (experts are saved from one "
+                            "unsharded copy); launch data-parallel (accelerate launch --multi_gpu, torchrun)")
     precision = resolve_precision(cfg.precision, accelerator.device.type)
     load_dtype = next(model.parameters()).dtype
     model.float()  # float32 master weights

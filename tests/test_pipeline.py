@@ -149,3 +149,52 @@ def test_reweighting_the_objective_reuses_every_merge(micro_recipe_file: Path,
     trials = read_jsonl(log)
     assert len(trials) >= n_first + 9
     assert {t["objective_key"] for t in trials[n_first:]} != {t["objective_key"] for t in trials[:n_first]}
+
+
+def test_experts_as_separate_jobs_are_hugging_face_checkpoints(micro_recipe_file: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`mergemix experts --domain` trains that expert only, as a directory transformers opens as it is;
+    propose reuses it, and trains again an expert in the older weights-only layout."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergemix.cli import main
+    from mergemix.experts import Expert
+
+    assert main(["-q", "experts", str(micro_recipe_file), "--domain", "math", "--domain", "prose"]) == 0
+    experts = micro_recipe_file.parent / "run" / "experts"
+    assert sorted(p.name for p in experts.iterdir()) == ["math", "prose"]
+    manifest = json.loads((experts / "math" / "manifest.json").read_text())
+    assert manifest["kind"] == "full" and manifest["dtype"] == "float32"
+    model = AutoModelForCausalLM.from_pretrained(experts / "math", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(experts / "math", local_files_only=True)
+    ids = tok("12 + 7 = 19", return_tensors="pt").input_ids
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    state = Expert("math", experts / "math", manifest["key"], manifest).state()
+    params = dict(model.named_parameters())
+    assert set(state) == set(params)
+    for n, p in params.items():
+        torch.testing.assert_close(state[n], p.detach(), msg=n)
+
+    mtime = (experts / "math" / "model.safetensors").stat().st_mtime_ns
+    old = json.loads((experts / "prose" / "manifest.json").read_text())
+    del old["kind"]  # as written before experts were Hugging Face directories
+    (experts / "prose" / "manifest.json").write_text(json.dumps(old))
+    (experts / "prose" / "config.json").unlink()
+    with caplog.at_level("INFO"):
+        propose(load_recipe(micro_recipe_file))
+    assert "expert math: reusing" in caplog.text
+    assert "expert prose: " in caplog.text and "older layout without config or tokenizer" in caplog.text
+    assert (experts / "math" / "model.safetensors").stat().st_mtime_ns == mtime
+    for d in ("math", "prose", "code"):
+        assert json.loads((experts / d / "manifest.json").read_text())["kind"] == "full"
+        assert (experts / d / "config.json").is_file() and (experts / d / "tokenizer.json").is_file()
+
+
+def test_experts_unknown_domain_is_one_line(micro_recipe_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mergemix.cli import main
+
+    assert main(["experts", str(micro_recipe_file), "--domain", "maths"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --domain: no domain 'maths' in the recipe "
+                                               "(domains: math, prose, code)")
+    assert not (micro_recipe_file.parent / "run").exists()

@@ -123,7 +123,7 @@ def evaluate_paths(recipe: Recipe, steps: Sequence[float] = STEPS) -> StabilityR
     ws = start(recipe)
     assert ws.model is not None
     with ws.timings.stage("experts"):
-        experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
+        experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer)
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
     merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in experts}, recipe.merge, recipe.seed)

@@ -6,12 +6,11 @@ check. The answer is the first mismatching tensor, in a sentence a user can act 
 
 from __future__ import annotations
 
-import json
-import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 # safetensors' dtype codes for the dtypes a model's parameters come in
 _CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
@@ -24,20 +23,14 @@ def dtype_code(dtype: torch.dtype) -> str:
 
 
 def file_specs(path: str | Path) -> dict[str, Spec]:
-    """Name → (shape, dtype code) of every tensor in a safetensors file, from its header. Raises ValueError
-    when the file is not safetensors."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("too short for a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError("not a safetensors file (header length out of range)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("not a safetensors file (header is not JSON)") from None
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    """Name → (shape, dtype code) of every tensor in a safetensors file, from its header (no tensor is read).
+    Raises ValueError when the file is not safetensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            return {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+    except SafetensorError as e:
+        raise ValueError(f"not a safetensors file: {e}") from None
 
 
 def tensor_specs(state: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
@@ -66,10 +59,13 @@ def first_mismatch(base: Mapping[str, Spec], expert: Mapping[str, Spec], complet
     return None
 
 
-def check_expert_file(path: str | Path, base: Mapping[str, Spec]) -> str | None:
-    """Why the expert file at `path` cannot be merged into `base`, or None when it can."""
+def check_expert_file(paths: str | Path | Sequence[str | Path], base: Mapping[str, Spec]) -> str | None:
+    """Why the expert in the safetensors file(s) `paths` (one file, or a checkpoint's shards) cannot be merged
+    into `base`, or None when it can."""
+    specs: dict[str, Spec] = {}
     try:
-        specs = file_specs(path)
+        for path in [paths] if isinstance(paths, str | Path) else paths:
+            specs.update(file_specs(path))
     except (OSError, ValueError) as e:
         return f"cannot read it ({e})"
     return first_mismatch(base, specs)

@@ -1,9 +1,9 @@
-"""An expert's weights as a read-only mapping over a memory-mapped safetensors file: a tensor is read when it
-is asked for, so a merger can take task vectors tensor by tensor without holding any expert in memory."""
+"""An expert's weights as a read-only mapping over memory-mapped safetensors files (one, or a checkpoint's
+shards): a tensor is read when it is asked for, so a merger can take task vectors tensor by tensor without holding any expert in memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,17 +13,22 @@ from mergemix.merge.check import Spec, file_specs
 
 
 class SafetensorsState(Mapping[str, torch.Tensor]):
-    """name → tensor of one safetensors file, read on access (`specs` from the header, without reading)."""
+    """name → tensor of safetensors files, read on access (`specs` from the headers, without reading)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.specs: dict[str, Spec] = file_specs(self.path)
-        self._file = safe_open(str(self.path), framework="pt")
+    def __init__(self, paths: str | Path | Sequence[str | Path]) -> None:
+        self.paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+        self.specs: dict[str, Spec] = {}
+        self._where: dict[str, int] = {}
+        for i, path in enumerate(self.paths):
+            specs = file_specs(path)
+            self.specs.update(specs)
+            self._where.update(dict.fromkeys(specs, i))
+        self._files = [safe_open(str(p), framework="pt") for p in self.paths]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
             raise KeyError(name)
-        return self._file.get_tensor(name)
+        return self._files[self._where[name]].get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.specs)

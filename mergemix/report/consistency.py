@@ -83,6 +83,7 @@ def rank_consistency(recipe: Recipe) -> Consistency:
 
     ws = start(recipe)
     proposed = run_proposal(ws)
+    assert proposed is not None  # start() refused a multi-process launch
     assert ws.model is not None
     report_dir = ws.run_dir / "report"
     report_dir.mkdir(exist_ok=True)
