@@ -65,6 +65,13 @@ def test_export_writes_a_loadable_model_and_the_same_merge_for_mergekit(
     for n, p in theirs.named_parameters():
         torch.testing.assert_close(mine[n].detach(), p.detach(), atol=1e-6, rtol=0)
 
+    # the best-scoring trial's alpha
+    assert main(["export", str(run), "--alpha", "best", "--out", str(tmp_path / "best")]) == 0
+    from mergemix.artifacts import read_json, read_jsonl
+
+    best = max((t for t in read_jsonl(run / "trials.jsonl") if t["kind"] != "base"), key=lambda t: t["objective"])
+    assert read_json(tmp_path / "best" / "mergemix.json")["alpha"] == {d: best["alpha"][d] for d in recipe.domain_names}
+
     # the proposal's alpha, by recipe file; the default directory is in the run
     assert main(["export", str(micro_recipe_file)]) == 0
     (folder,) = (run / "export").iterdir()
