@@ -4,4 +4,5 @@ import sys
 
 from mergemix.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # `mergemix ls` imports every module to fill the registries
+    sys.exit(main())

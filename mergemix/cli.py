@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--stability", action="store_true",
                            help="also score the path base → expert (t = 0, .25, .5, .75, 1) and print Kendall tau "
                            "of every metric along it; writes stability.json")
+    sub.add_parser("ls", help="list every name a recipe can choose: merge methods, benchmark kinds and their "
+                   "metrics, surrogates, built-in corpora")
+    e = sub.add_parser("export", help="write the merge at one alpha as a Hugging Face directory, with the "
+                       "mergekit YAML of the same merge")
+    e.add_argument("run", help="run directory, or the recipe YAML file of the run")
+    e.add_argument("--alpha", default="proposal", help='proposal (alpha* of proposal.json), best (the best-scoring '
+                   'trial) or weights such as "code=0.4,prose=0.6" (default proposal)')
+    e.add_argument("--out", help="output directory (default RUN/export/LABEL-HASH)")
     return p
 
 
@@ -55,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
+        if args.command == "ls":
+            from mergemix.registry import catalog
+
+            print(catalog())
+            return 0
+        if args.command == "export":
+            from mergemix.merge.export import export
+
+            done = export(args.run, args.alpha, args.out)
+            print(f"wrote {done.path} (alpha {', '.join(f'{d}={a:g}' for d, a in done.alpha.items())})")
+            return 0
         from mergemix.recipe import dump_recipe, load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)

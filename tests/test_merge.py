@@ -172,3 +172,22 @@ def test_merged_state_is_differentiable_in_alpha() -> None:
     torch.testing.assert_close(alpha.grad, torch.stack(want), rtol=1e-4, atol=1e-4)
     merger.apply(alpha.detach())
     assert torch.equal(dict(model.named_parameters())[name].detach(), state[name].detach())
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_chunks_across_tensor_boundaries_give_the_reference_merge(monkeypatch: pytest.MonkeyPatch,
+                                                                  method: str) -> None:
+    """Chunks of 97 entries straddle every tensor boundary; each tensor still equals the reference
+    per-tensor merge (mergekit's order of operations) bit for bit."""
+    from mergemix.merge import inplace
+    from mergemix.merge.methods import MERGE_METHODS, merge_tensor
+
+    monkeypatch.setattr(inplace, "CHUNK", 97)
+    model, experts = _llama_pair()
+    base = _params(model)
+    InPlaceMerger(model, experts, MergeSpec(method=method, density=0.3)).apply([0.2, 0.5, 0.3])
+    spec = MERGE_METHODS.get(method)
+    for n, p in _params(model).items():
+        taus = [experts[e][n] - base[n] for e in ("code", "math", "prose")]
+        want = merge_tensor(spec, base[n], taus, torch.tensor([0.2, 0.5, 0.3]), density=0.3)
+        assert torch.equal(p, want), n

@@ -1,0 +1,174 @@
+"""How fast and how lean is a merge? One run prints, side by side:
+
+- merge time ÷ a plain copy of the model's bytes (1 thread; goal ≤ 1.5 × (K + 2) / 2, the bandwidth floor of
+  reading K task vectors and the base and writing the result);
+- peak memory the merger adds, in bytes per parameter, for resident fp32, resident bf16 and streamed merges
+  (each in a fresh process; anonymous memory sampled every millisecond, so memory-mapped expert files that
+  the kernel can drop do not count);
+- one mergemix trial (a merge written into the resident model) ÷ mergekit writing the same merge to disk.
+
+    .venv/bin/python benchmarks/merge_speed.py            # ~2 minutes on 2 CPU cores, ~1 GB of temp files
+
+Sizes: a 22M-parameter Llama (hidden 512, 4 layers) and K = 4 experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+K = 4
+MODES = {"resident fp32": ("float32", False), "resident bf16": ("bfloat16", False), "streamed fp32": ("float32", True)}
+
+
+def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _write_checkpoints(root: Path) -> None:
+    """The base and K experts (base + noise) as Hugging Face directories, as mergekit reads them."""
+    model = _model()
+    model.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k in range(K):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(base[n] + 0.01 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(root / f"e{k}")
+
+
+def _timed(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _AnonPeak:
+    """Peak anonymous resident memory (bytes) of this process, sampled every millisecond."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.001)
+
+    def __enter__(self) -> _AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def child(root: Path, mode: str) -> None:
+    """In a fresh process: the merger's added peak memory per parameter and its merge time."""
+    from mergemix.merge import InPlaceMerger
+    from mergemix.merge.lazy import SafetensorsState
+    from mergemix.recipe import MergeSpec
+
+    torch.set_num_threads(1)
+    dtype, stream = MODES[mode]
+    model = _model(getattr(torch, dtype))
+    n = sum(p.numel() for p in model.parameters())
+    experts = {f"e{k}": SafetensorsState(root / f"e{k}" / "model.safetensors") for k in range(K)}
+    if dtype != "float32":  # experts of the model's dtype, as a bf16 run trains them
+        experts = {name: {t: v.to(getattr(torch, dtype)) for t, v in s.items()} for name, s in experts.items()}
+    before = _AnonPeak.now()
+    with _AnonPeak() as peak:
+        merger = InPlaceMerger(model, experts, MergeSpec(stream=stream, memory_mb=64))
+        seconds = _timed(lambda: merger.apply([0.1, 0.2, 0.3, 0.4]), repeat=3)
+    print(json.dumps({"bytes_per_param": (peak.peak - before) / n, "seconds": seconds}))
+
+
+def main() -> None:
+    from mergemix.merge import InPlaceMerger
+    from mergemix.merge.lazy import SafetensorsState
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _write_checkpoints(root)
+        torch.set_num_threads(1)
+        model = _model()
+        n = sum(p.numel() for p in model.parameters())
+        src, dst = torch.randn(n), torch.empty(n)
+        copy = _timed(lambda: dst.copy_(src))
+        experts = {f"e{k}": SafetensorsState(root / f"e{k}" / "model.safetensors") for k in range(K)}
+        merger = InPlaceMerger(model, experts)
+        alpha = [0.1, 0.2, 0.3, 0.4]
+        merge = _timed(lambda: merger.apply(alpha))
+        floor = (K + 2) / 2
+        print(f"model: {n / 1e6:.1f}M parameters, K = {K} experts, 1 thread")
+        print(f"plain copy of {n * 4 / 2**20:.0f} MiB: {copy * 1e3:.1f} ms; resident fp32 merge: {merge * 1e3:.1f} ms")
+        print(f"merge ÷ copy: {merge / copy:.2f}   (bandwidth floor (K+2)/2 = {floor:.1f}; goal ≤ {1.5 * floor:.1f})")
+        print()
+        print(f"{'mode':<16}{'merger peak B/param':>21}{'merge ms':>10}{'÷ copy':>8}")
+        for mode in MODES:
+            # a fixed mmap threshold: freed large buffers go back to the system instead of raising glibc's
+            # threshold and staying in the heap, which would count them in the peak forever after
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(root)], check=True,
+                                 capture_output=True, text=True, env=env).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{mode:<16}{r['bytes_per_param']:>21.1f}{r['seconds'] * 1e3:>10.1f}{r['seconds'] / copy:>8.2f}")
+        print("(the old merger kept a float32 base and K float32 task vectors: 4 (K + 1) = "
+              f"{4 * (K + 1)} B/param at K = {K})")
+        print()
+        try:
+            from mergekit.config import MergeConfiguration
+            from mergekit.merge import MergeOptions, run_merge
+        except ImportError:
+            print("mergekit not installed (pip install 'mergemix[test]'): no comparison")
+            return
+        config = MergeConfiguration.model_validate({
+            "merge_method": "task_arithmetic", "base_model": str(root / "base"), "dtype": "float32",
+            "models": [{"model": str(root / f"e{k}"), "parameters": {"weight": a}} for k, a in enumerate(alpha)],
+        })
+        start = time.perf_counter()
+        run_merge(config, str(root / "mk"), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+        mergekit = time.perf_counter() - start
+        print(f"mergemix trial (merge in place): {merge * 1e3:.1f} ms; mergekit merge to disk: {mergekit * 1e3:.0f} ms;"
+              f" ratio {merge / mergekit:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "ROOT"))
+    args = parser.parse_args()
+    if args.child:
+        child(Path(args.child[1]), args.child[0])
+    else:
+        main()

@@ -1,0 +1,145 @@
+"""`mergemix export`: the merge of a run's experts at one α, as a Hugging Face directory and a mergekit YAML.
+
+The directory loads with `AutoModelForCausalLM.from_pretrained`; `mergekit.yaml` in it describes the same
+merge for `mergekit-yaml` (expert directories get the base's config.json so mergekit can read them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mergemix.artifacts import atomic_path, read_json, read_jsonl, stable_hash
+from mergemix.errors import MergemixError
+from mergemix.recipe import MergeSpec, Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+MERGEKIT_YAML = "mergekit.yaml"
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    alpha: dict[str, float]
+
+
+def resolve_run(run_or_recipe: str | Path) -> Recipe:
+    """The recipe of a run directory (its recipe.resolved.yaml, run_dir pointed at it) or of a recipe file."""
+    path = Path(run_or_recipe)
+    if path.is_dir():
+        resolved = path / "recipe.resolved.yaml"
+        if not resolved.exists():
+            raise MergemixError(f"{path}: no recipe.resolved.yaml; give a run directory or a recipe file")
+        return load_recipe(resolved, [f"run_dir={path}"])
+    return load_recipe(path)
+
+
+def parse_alpha(text: str, recipe: Recipe) -> dict[str, float]:
+    """`proposal` (α* of proposal.json), `best` (the best-scoring trial of the proposal's run) or explicit
+    weights `code=0.4,prose=0.6` (unnamed domains get 0; weights are used as given)."""
+    run = recipe.resolved_run_dir()
+    names = recipe.domain_names
+    if text in ("proposal", "best"):
+        proposal_path = run / "proposal.json"
+        if not proposal_path.exists():
+            raise MergemixError(f"--alpha {text}: {proposal_path} not found; run mergemix propose first")
+        star = read_json(proposal_path)["alpha_star"]
+        if text == "proposal":
+            return {d: float(star[d]) for d in names}
+        trials = read_jsonl(run / "trials.jsonl")
+        keys = {t["eval_key"] for t in trials if t["alpha"] == star}
+        scored = [t for t in trials if t["eval_key"] in keys and t["kind"] != "base" and "objective" in t]
+        if not scored:
+            raise MergemixError(f"--alpha best: no scored trial of the proposal in {run / 'trials.jsonl'}")
+        best = max(scored, key=lambda t: t["objective"])
+        return {d: float(best["alpha"][d]) for d in names}
+    alpha = {d: 0.0 for d in names}
+    for item in text.split(","):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or name not in alpha:
+            raise MergemixError(f"--alpha {text!r}: expected proposal, best or DOMAIN=WEIGHT,... with domains "
+                                f"{', '.join(names)}; got {item!r}")
+        try:
+            alpha[name] = float(value)
+        except ValueError:
+            raise MergemixError(f"--alpha: {item!r}: {value!r} is not a number") from None
+    return alpha
+
+
+def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, Path], alpha: dict[str, float],
+                    dtype: str) -> dict:
+    """The mergekit (0.1.5) configuration of the same merge: method, weights, density and flags."""
+    from mergemix.merge.methods import MERGE_METHODS
+
+    method = MERGE_METHODS.get(spec.method)
+    per_model: dict[str, float] = {}
+    params: dict[str, object] = {}
+    if method.sparsify is not None:
+        per_model["density"] = spec.density
+        params["rescale"] = method.rescale if spec.rescale is None else spec.rescale
+    if spec.normalize is not None:
+        params["normalize"] = spec.normalize
+    if spec.scale != 1:
+        params["lambda"] = spec.scale
+    config = {
+        "merge_method": method.mergekit,
+        "base_model": str(base),
+        "models": [{"model": str(experts[d]), "parameters": {"weight": a, **per_model}} for d, a in alpha.items()],
+        "dtype": dtype,
+    }
+    if params:
+        config["parameters"] = params
+    return config
+
+
+def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | Path | None = None) -> Exported:
+    """Merge the run's experts at α and write `out` (default RUN/export/LABEL-HASH): the model and
+    tokenizer as a Hugging Face directory, `alpha.json` and `mergekit.yaml`."""
+    from mergemix.experts import MANIFEST, MODEL_FILE, expert_key
+    from mergemix.merge.inplace import InPlaceMerger
+    from mergemix.merge.lazy import SafetensorsState
+    from mergemix.pipeline import start
+
+    recipe = resolve_run(run_or_recipe)
+    alpha = parse_alpha(alpha_text, recipe)
+    ws = start(recipe)
+    assert ws.model is not None and ws.base_path is not None
+    dirs: dict[str, Path] = {}
+    keys = []
+    for d in recipe.domain_names:
+        folder = (ws.run_dir / "experts" / d).resolve()
+        key = expert_key(recipe, ws.base_hash, ws.blocks, d)
+        manifest = folder / MANIFEST
+        if not manifest.exists() or read_json(manifest).get("key") != key:
+            raise MergemixError(f"expert {d}: no current expert in {folder}; run mergemix propose first")
+        dirs[d] = folder
+        keys.append(key)
+    label = alpha_text if alpha_text in ("proposal", "best") else "alpha"
+    target = Path(out) if out else ws.run_dir / "export" / (
+        f"{label}-{stable_hash([keys, recipe.merge.key(), alpha], 8)}")
+    states = {d: SafetensorsState(dirs[d] / MODEL_FILE) for d in dirs}
+    InPlaceMerger(ws.model, states, recipe.merge, recipe.seed).apply([alpha[d] for d in recipe.domain_names])
+    base = Path(ws.base_path).resolve()
+    for folder in dirs.values():  # mergekit reads a model from a directory with its config
+        if not (folder / "config.json").exists():
+            shutil.copyfile(base / "config.json", folder / "config.json")
+    config = mergekit_config(recipe.merge, base, dirs, alpha, recipe.base.dtype)
+    note = "" if recipe.merge.sign == "sum" else "# mergekit 0.1.5 elects signs by sum; this run used count\n"
+    if target.exists() and any(target.iterdir()):
+        raise MergemixError(f"{target}: exists and is not empty; remove it or give another --out")
+    info = {"alpha": alpha, "merge": recipe.merge.model_dump(mode="json"), "experts": keys}
+    with atomic_path(target) as tmp:  # the whole directory appears at once, or not at all
+        tmp.unlink()
+        ws.model.save_pretrained(tmp)
+        ws.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        (tmp / "mergemix.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        (tmp / MERGEKIT_YAML).write_text(note + yaml.safe_dump(config, sort_keys=False))
+    log.info("exported the merge at %s to %s", alpha, target)
+    return Exported(target, alpha)
