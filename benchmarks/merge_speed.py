@@ -94,24 +94,27 @@ class _AnonPeak:
         self.peak = max(self.peak, self.now())
 
 
-def child(root: Path, mode: str) -> None:
-    """In a fresh process: the merger's added peak memory per parameter and its merge time."""
+def _merger(root: Path, mode: str):  # noqa: ANN202 (an InPlaceMerger, imported late)
     from mergemix.merge import InPlaceMerger
     from mergemix.merge.lazy import SafetensorsState
     from mergemix.recipe import MergeSpec
 
-    torch.set_num_threads(1)
     dtype, stream = MODES[mode]
     model = _model(getattr(torch, dtype))
-    n = sum(p.numel() for p in model.parameters())
     experts = {f"e{k}": SafetensorsState(root / f"e{k}" / "model.safetensors") for k in range(K)}
     if dtype != "float32":  # experts of the model's dtype, as a bf16 run trains them
         experts = {name: {t: v.to(getattr(torch, dtype)) for t, v in s.items()} for name, s in experts.items()}
+    return lambda: InPlaceMerger(model, experts, MergeSpec(stream=stream, memory_mb=64)), model
+
+
+def child(root: Path, mode: str) -> None:
+    """In a fresh process: the merger's added peak memory per parameter (building it, then one merge)."""
+    make, model = _merger(root, mode)
+    n = sum(p.numel() for p in model.parameters())
     before = _AnonPeak.now()
     with _AnonPeak() as peak:
-        merger = InPlaceMerger(model, experts, MergeSpec(stream=stream, memory_mb=64))
-        seconds = _timed(lambda: merger.apply([0.1, 0.2, 0.3, 0.4]), repeat=3)
-    print(json.dumps({"bytes_per_param": (peak.peak - before) / n, "seconds": seconds}))
+        make().apply([0.1, 0.2, 0.3, 0.4])
+    print(json.dumps({"bytes_per_param": (peak.peak - before) / n}))
 
 
 def main() -> None:
@@ -137,13 +140,17 @@ def main() -> None:
         print()
         print(f"{'mode':<16}{'merger peak B/param':>21}{'merge ms':>10}{'÷ copy':>8}")
         for mode in MODES:
-            # a fixed mmap threshold: freed large buffers go back to the system instead of raising glibc's
-            # threshold and staying in the heap, which would count them in the peak forever after
+            # memory in a fresh process, with a fixed mmap threshold: freed large buffers go back to the system
+            # instead of raising glibc's threshold and staying in the heap, counted in the peak ever after
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             out = subprocess.run([sys.executable, __file__, "--child", mode, str(root)], check=True,
                                  capture_output=True, text=True, env=env).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"{mode:<16}{r['bytes_per_param']:>21.1f}{r['seconds'] * 1e3:>10.1f}{r['seconds'] / copy:>8.2f}")
+            per_param = json.loads(out.strip().splitlines()[-1])["bytes_per_param"]
+            make, _ = _merger(root, mode)
+            m = make()
+            seconds = _timed(lambda m=m: m.apply(alpha), repeat=3)
+            del m
+            print(f"{mode:<16}{per_param:>21.1f}{seconds * 1e3:>10.1f}{seconds / copy:>8.2f}")
         print("(the old merger kept a float32 base and K float32 task vectors: 4 (K + 1) = "
               f"{4 * (K + 1)} B/param at K = {K})")
         print()
