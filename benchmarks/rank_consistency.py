@@ -79,8 +79,8 @@ def _scale_lever(recipe: Recipe, d: dict[str, Any], scales: list[float]) -> list
                 proposed.merger.apply([s * m["alpha"][n] for n in names])
                 proxy.append(objective(proposed.evaluator(ws.model))[2])
             a = agreement(proxy, truth, n_boot=recipe.report.bootstrap, seed=recipe.seed)
-            one_seed = np.mean([agreement(proxy, seeds[:, k], n_boot=100)["spearman"] or math.nan
-                                for k in range(seeds.shape[1])])
+            per_seed = [agreement(proxy, seeds[:, k], n_boot=100)["spearman"] for k in range(seeds.shape[1])]
+            one_seed = np.mean([math.nan if r is None else r for r in per_seed])
             best = d["mixtures"][int(np.argmax(proxy))]["label"]
             lines.append(f"  merge scale s={s:g}: objective rho {_rho(a)}  vs one seed {fmt(float(one_seed))}  "
                          f"proxy's best mixture: {best} (truly #{a['true_rank']}); proxy objective "
