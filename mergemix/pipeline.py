@@ -6,6 +6,7 @@ data → base → packed blocks → experts → in-place merger → search → m
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from mergemix.merge import InPlaceMerger
 from mergemix.mixture import to_mixture
 from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
 from mergemix.progress import progress
-from mergemix.proposal import Proposal, Scored, Signal
+from mergemix.proposal import Margin, Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial, run_search
 from mergemix.train import process_state
@@ -139,17 +140,18 @@ def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
 
 
 def _signal(result: SearchResult, recipe: Recipe) -> list[Signal]:
+    """Each benchmark's spread over base + experts beside its item noise, as the objective judged it before
+    the search (low-signal benchmarks flagged, with the weight they got)."""
     experts = [t for t in result.trials if t.kind == "vertex"]
     rows = []
     for b in recipe.evaluation.benchmarks:
         m = b.objective_metric
         values = [t.raw[b.name][m] for t in experts]
-        base = result.base.raw[b.name][m]
-        everything = [base, *values]
+        noise = result.objective.noise[b.name]
         rows.append(Signal(
-            benchmark=b.name, metric=m, base=round(base, 5), expert_min=round(min(values), 5),
-            expert_max=round(max(values), 5), spread=round(max(everything) - min(everything), 5),
-            stderr=round(float(np.mean([t.raw[b.name][f"{m}_se"] for t in [result.base, *experts]])), 5),
+            benchmark=b.name, metric=m, base=round(result.base.raw[b.name][m], 5), expert_min=round(min(values), 5),
+            expert_max=round(max(values), 5), spread=round(noise.spread, 5), stderr=round(noise.stderr, 5),
+            low_signal=noise.low, weight=round(noise.weight, 4),
         ))
     return rows
 
@@ -158,6 +160,26 @@ def _scored(t: Trial, predicted: float | None = None) -> Scored:
     return Scored(alpha=t.alpha, objective=round(t.objective, 6),
                   capabilities={g: round(v, 6) for g, v in t.capabilities.items()},
                   predicted=None if predicted is None else round(predicted, 6))
+
+
+def _margins(result: SearchResult) -> list[Margin]:
+    """The guard: the proposal's objective minus uniform's and token-proportional's, with a 95% interval
+    from item noise (1.96 x the root of the two standard errors squared) and the surrogate's predicted
+    margin; logs a warning when the interval reaches 0."""
+    star, objective = result.star, result.objective
+    out = []
+    for label, kind in (("uniform", "uniform"), ("token-proportional", "token_prior")):
+        b = result.by_kind(kind)
+        diff = star.objective - b.objective
+        half = 1.96 * math.hypot(objective.se(star.raw), objective.se(b.raw))
+        pred = None if result.predicted_star is None else round(result.predicted_star - b.objective, 6)
+        m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
+                   predicted=pred)
+        if m.within_noise:
+            log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
+                        "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
+        out.append(m)
+    return out
 
 
 @dataclass
@@ -257,6 +279,7 @@ def run_proposal(ws: Workspace) -> Proposed | None:
             n_trials=len(result.trials) + 1,
             weights=result.objective.weights(),
             normalization=result.objective.references(),
+            margins=_margins(result),
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

@@ -38,10 +38,34 @@ class Signal(_Frozen):
     expert_max: float
     spread: float
     stderr: float
+    low_signal: bool = False  # spread within item noise (evaluation.low_signal_ratio): flagged before the search
+    weight: float = 1.0  # its weight in the objective (0: dropped; see evaluation.low_signal)
 
     @property
     def ratio(self) -> float:
         return self.spread / self.stderr if self.stderr > 0 else float("inf")
+
+
+class Margin(_Frozen):
+    """How much the proposal beats a baseline on the objective: verified by real merge + evaluation, with a
+    95% interval from the item noise of both scores (benchmarks and the two mixtures taken as independent),
+    and as the surrogate predicted it. Within noise: the interval reaches 0 or below."""
+
+    baseline: str
+    verified: float
+    low: float
+    high: float
+    predicted: float | None = None
+
+    @property
+    def within_noise(self) -> bool:
+        return self.low <= 0
+
+    def line(self) -> str:
+        pred = "" if self.predicted is None else f", predicted {self.predicted:+.3f}"
+        warn = "  WITHIN NOISE: the proposal may be no better than this baseline" if self.within_noise else ""
+        return (f"proposal - {self.baseline}: {self.verified:+.3f} verified, 95% [{self.low:+.3f}, {self.high:+.3f}]"
+                f"{pred}{warn}")
 
 
 class Proposal(_Frozen):
@@ -60,6 +84,7 @@ class Proposal(_Frozen):
     weights: dict[str, float] = {}  # objective weight per capability group
     # benchmark → metric, capability, and the metric values normalized to 0 and to 1
     normalization: dict[str, dict[str, str | float]] = {}
+    margins: list[Margin] = []  # the proposal against uniform and token-proportional (the guard)
 
     def table(self) -> str:
         """Mixture and objective comparison, as plain text."""
@@ -78,14 +103,19 @@ class Proposal(_Frozen):
         if self.proposal.predicted is not None:
             lines.append(f"(surrogate predicted {self.proposal.predicted:.3f} for the proposal. Scores: base = 0; "
                          "one unit = the spread of base and experts on a benchmark; higher is better)")
+        if self.margins:
+            lines += ["", *(m.line() for m in self.margins)]
         return "\n".join(lines)
 
     def signal_table(self) -> str:
         """Benchmarks' spread over base + experts next to their standard error over items."""
-        lines = [f"{'benchmark':<22}{'metric':>8}{'base':>10}{'experts':>18}{'spread':>9}{'stderr':>9}{'ratio':>7}"]
+        lines = [f"{'benchmark':<22}{'metric':>8}{'base':>10}{'experts':>18}{'spread':>9}{'stderr':>9}{'ratio':>7}"
+                 f"{'weight':>8}"]
         for s in self.signal:
             span = f"{s.expert_min:.3f}..{s.expert_max:.3f}"
+            flag = "  LOW SIGNAL" if s.low_signal else ""
             lines.append(f"{s.benchmark:<22}{s.metric:>8}{s.base:>10.3f}{span:>18}{s.spread:>9.3f}{s.stderr:>9.3f}"
-                         f"{s.ratio:>7.1f}")
-        lines.append("ratio = spread / stderr: below ~3 the benchmark barely tells these models apart")
+                         f"{s.ratio:>7.1f}{s.weight:>8.2f}{flag}")
+        lines.append("ratio = spread / stderr: below ~3 the benchmark barely tells these models apart; LOW SIGNAL "
+                     "(within item noise) weighs as evaluation.low_signal says")
         return "\n".join(lines)

@@ -329,6 +329,15 @@ class EvalSpec(_Model):
         description="objective weight per capability group (missing groups weigh 1); the objective is the "
         "weighted mean of the groups' normalized scores",
     )
+    low_signal: Literal["drop", "downweight", "keep"] = Field(
+        "drop",
+        description="a benchmark whose spread over the base and the experts lies within its item noise (below "
+        "low_signal_ratio standard errors) cannot rank merges: drop it from the objective, downweight it (weight "
+        "x spread / (low_signal_ratio x stderr)), or keep it. Checked before the search; flagged in proposal.json",
+    )
+    low_signal_ratio: float = Field(
+        1.0, ge=0, description="spread / stderr below which a benchmark is low-signal (0 never flags one)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EvalSpec:

@@ -355,3 +355,52 @@ def test_split_guard_looks_inside_folders(tmp_path: Path) -> None:
     for source in (tmp_path / "data", tmp_path / "data" / "*.jsonl"):
         with pytest.raises(MergemixError, match="test.jsonl, which looks like a test split"):
             _refuse_test_files(str(source), tmp_path)
+
+
+def _noisy_spec(policy: str) -> EvalSpec:
+    return EvalSpec(benchmarks=[
+        BenchmarkSpec(name="ppl", kind="perplexity", domain="d", capability="a"),
+        BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="score", capability="a"),
+        BenchmarkSpec(name="mc2", kind="multiple_choice", path="y", metric="score", capability="b"),
+    ], low_signal=policy)
+
+
+# mc moves by 0.01 over base and experts with a standard error of 0.05: within its item noise
+_BASE = {"ppl": {"loss": 4.0, "loss_se": 0.01}, "mc": {"score": 0.10, "score_se": 0.05},
+         "mc2": {"score": 0.2, "score_se": 0.01}}
+_EXPERTS = [{"ppl": {"loss": 3.0, "loss_se": 0.01}, "mc": {"score": 0.11, "score_se": 0.05},
+             "mc2": {"score": 0.4, "score_se": 0.01}},
+            {"ppl": {"loss": 3.5, "loss_se": 0.01}, "mc": {"score": 0.105, "score_se": 0.05},
+             "mc2": {"score": 0.3, "score_se": 0.01}}]
+
+
+def test_low_signal_benchmark_is_dropped_before_the_search(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        obj = Objective.from_references(_noisy_spec("drop"), _BASE, _EXPERTS)
+    assert "benchmark mc: its spread over the base and the experts" in caplog.text and "dropped" in caplog.text
+    assert "ppl" not in caplog.text and "mc2" not in caplog.text
+    assert obj.noise["mc"].low and obj.noise["mc"].weight == 0.0 and obj.noise["ppl"].weight == 1.0
+    # capability a is ppl alone now, and weighs half as much (one of its two benchmarks left)
+    _, caps, value = obj(_EXPERTS[0])
+    assert caps["a"] == pytest.approx(1.0)
+    assert obj.weights() == {"a": 0.5, "b": 1.0}
+    assert value == pytest.approx((0.5 * caps["a"] + caps["b"]) / 1.5)
+    assert obj.coefficients() == {"ppl": pytest.approx(1 / 3), "mc": 0.0, "mc2": pytest.approx(2 / 3)}
+
+
+def test_low_signal_downweight_and_keep() -> None:
+    down = Objective.from_references(_noisy_spec("downweight"), _BASE, _EXPERTS)
+    assert down.noise["mc"].weight == pytest.approx(0.01 / 0.05)  # spread / (ratio 1 x stderr)
+    keep = Objective.from_references(_noisy_spec("keep"), _BASE, _EXPERTS)
+    assert keep.noise["mc"].low and keep.noise["mc"].weight == 1.0
+    assert keep.weights() == {"a": 1.0, "b": 1.0}
+    off = EvalSpec(benchmarks=_noisy_spec("drop").benchmarks, low_signal_ratio=0)
+    assert not Objective.from_references(off, _BASE, _EXPERTS).noise["mc"].low
+
+
+def test_all_benchmarks_low_signal_keeps_them(caplog: pytest.LogCaptureFixture) -> None:
+    spec = EvalSpec(benchmarks=[BenchmarkSpec(name="mc", kind="multiple_choice", path="x", metric="score")])
+    with caplog.at_level("WARNING"):
+        obj = Objective.from_references(spec, _BASE, _EXPERTS)
+    assert "every weighted benchmark is low-signal" in caplog.text
+    assert obj.noise["mc"].low and obj.noise["mc"].weight == 1.0

@@ -41,6 +41,14 @@ def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path) ->
     assert proposal.proposal.objective == pytest.approx(best["objective"], abs=1e-6)
     assert proposal.proposal.objective >= proposal.baselines["uniform"].objective
     assert proposal.baselines["base"].objective == pytest.approx(0.0, abs=1e-9)
+    # the guard: the margin over each baseline, its 95% interval from item noise, and what the surrogate said
+    margins = {m.baseline: m for m in proposal.margins}
+    for label, key in (("uniform", "uniform"), ("token-proportional", "token_prior")):
+        m = margins[label]
+        assert m.verified == pytest.approx(proposal.proposal.objective - proposal.baselines[key].objective, abs=1e-5)
+        assert m.low < m.verified < m.high and m.within_noise == (m.low <= 0)
+        assert m.predicted == pytest.approx(proposal.proposal.predicted - proposal.baselines[key].objective, abs=1e-5)
+        assert m.line() in proposal.table()
 
     on_disk = json.loads((run / "proposal.json").read_text())
     assert Proposal.model_validate(on_disk) == proposal
@@ -198,3 +206,34 @@ def test_experts_unknown_domain_is_one_line(micro_recipe_file: Path, capsys: pyt
     assert capsys.readouterr().err.strip() == ("error: --domain: no domain 'maths' in the recipe "
                                                "(domains: math, prose, code)")
     assert not (micro_recipe_file.parent / "run").exists()
+
+
+def test_a_noise_only_benchmark_is_flagged_and_dropped(micro_recipe_file: Path, tmp_path: Path) -> None:
+    """A multiple-choice benchmark that holds no information: every item comes twice, once with each option
+    right, so every model's mean score is 0 up to rounding while its items vary. Its spread over base and
+    experts lies within its item noise, and it leaves the objective before the search."""
+    import random
+
+    rng = random.Random(7)
+    noise = tmp_path / "coin.jsonl"
+    with open(noise, "w") as f:
+        for _ in range(30):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            for answer in (0, 1):
+                f.write(json.dumps({"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1)],
+                                    "answer": answer}) + "\n")
+    raw = yaml.safe_load(micro_recipe_file.read_text())
+    raw["evaluation"]["benchmarks"].append(
+        {"name": "coin", "kind": "multiple_choice", "path": str(noise), "capability": "math"})
+    micro_recipe_file.write_text(yaml.safe_dump(raw))
+    proposal = propose(load_recipe(micro_recipe_file))
+    signal = {s.benchmark: s for s in proposal.signal}
+    assert signal["coin"].low_signal and signal["coin"].weight == 0.0
+    assert signal["coin"].spread < 0.01 * signal["coin"].stderr
+    assert not signal["target"].low_signal and signal["target"].weight == 1.0
+    assert "LOW SIGNAL" in proposal.signal_table()
+    # math weighs by the share of its benchmarks that can rank merges; the objective ignores coin
+    kept = [s for s in proposal.signal if s.benchmark in ("math_heldout", "sums")]
+    assert proposal.weights["math"] == pytest.approx(sum(s.weight for s in kept) / 3)
+    on_disk = json.loads((load_recipe(micro_recipe_file).resolved_run_dir() / "proposal.json").read_text())
+    assert on_disk["signal"][-1]["low_signal"] is True

@@ -6,7 +6,6 @@ follows from the benchmarks' standard errors over items.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from mergemix.evaluate import Objective
@@ -31,14 +30,7 @@ class Target:
 
     def se(self, objective: Objective, raw: Raw) -> float:
         """Standard error over benchmark items (benchmarks independent), in the target's units."""
-        var = 0.0
-        for b, c in self.coef.items():
-            spec = next(x for x in objective.spec.benchmarks if x.name == b)
-            lo, hi = objective.refs[b]
-            span = hi - lo if abs(hi - lo) > 1e-9 else 1.0
-            se = raw[b].get(f"{spec.objective_metric}_se", float("nan"))
-            var += (c * se / span) ** 2 if math.isfinite(se) else 0.0
-        return math.sqrt(var)
+        return objective.se(raw, self.coef)
 
 
 def targets(objective: Objective) -> list[Target]:
@@ -47,8 +39,7 @@ def targets(objective: Objective) -> list[Target]:
     groups: dict[str, list[str]] = {}
     for b in spec.benchmarks:
         groups.setdefault(b.capability, []).append(b.name)
-    total = sum(spec.weight(g) for g in groups)
-    out = [Target("objective", {b: spec.weight(g) / total / len(bs) for g, bs in groups.items() for b in bs})]
+    out = [Target("objective", objective.coefficients())]
     out += [Target(f"capability:{g}", {b: 1 / len(bs) for b in bs}) for g, bs in sorted(groups.items())]
     if any(len(bs) > 1 for bs in groups.values()):
         out += [Target(f"benchmark:{b.name}", {b.name: 1.0}) for b in spec.benchmarks]

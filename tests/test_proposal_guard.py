@@ -1,0 +1,29 @@
+"""The proposal's guard: its margin over a baseline, with an interval, and the warning when within noise."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergemix.evaluate import Objective
+from mergemix.proposal import Margin
+from mergemix.recipe import BenchmarkSpec, EvalSpec
+
+
+def test_margin_within_noise_says_so() -> None:
+    clear = Margin(baseline="uniform", verified=0.2, low=0.1, high=0.3, predicted=0.25)
+    assert not clear.within_noise
+    assert clear.line() == "proposal - uniform: +0.200 verified, 95% [+0.100, +0.300], predicted +0.250"
+    noisy = Margin(baseline="token-proportional", verified=0.02, low=-0.03, high=0.07)
+    assert noisy.within_noise and "WITHIN NOISE" in noisy.line()
+
+
+def test_objective_se_follows_the_benchmarks_item_noise() -> None:
+    spec = EvalSpec(benchmarks=[BenchmarkSpec(name="a", kind="perplexity", domain="d", capability="x"),
+                                BenchmarkSpec(name="b", kind="perplexity", domain="d", capability="y")],
+                    low_signal="keep")
+    base = {"a": {"loss": 4.0, "loss_se": 0.1}, "b": {"loss": 3.0, "loss_se": 0.2}}
+    experts = [{"a": {"loss": 3.0, "loss_se": 0.1}, "b": {"loss": 2.0, "loss_se": 0.2}}]
+    obj = Objective.from_references(spec, base, experts)
+    # objective = (norm_a + norm_b) / 2, each normalized by a spread of 1.0
+    assert obj.se(base) == pytest.approx(((0.5 * 0.1) ** 2 + (0.5 * 0.2) ** 2) ** 0.5)
+    assert obj.se(base, {"a": 1.0}) == pytest.approx(0.1)
