@@ -12,6 +12,12 @@ Python loop per tensor. What is kept, per parameter:
 Sums accumulate in float32 (float64 for float64 parameters) whatever the storage. Streamed and resident
 merges compute every tensor the same way, so they give the same bits. For the fp32 demo model, resident
 memory is 4 (K + 1) bytes per parameter plus one group's working buffers (`merge.memory_mb`).
+
+LoRA experts (mergemix.merge.lora) keep only their factors. A linear merge adds Σ α_k s_k B_k A_k, formed one
+weight at a time from the factors, to the full experts' weighted sum, so their task vectors never exist; a
+LoRA expert's task vector is zero on weights it does not adapt. TIES and DARE need each expert's own task
+vector to trim or drop: for them a LoRA expert's s B A is formed per tensor and then kept like a full
+expert's (or formed again per merge with `merge.stream`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import torch
 from mergemix.artifacts import stable_hash
 from mergemix.errors import MergemixError
 from mergemix.merge.check import first_mismatch, tensor_specs
-from mergemix.merge.methods import MERGE_METHODS, combine
+from mergemix.merge.lora import Factors, LoraExpert, weighted_delta
+from mergemix.merge.methods import MERGE_METHODS, combine, finish
 from mergemix.recipe import MergeSpec
 
 log = logging.getLogger(__name__)
 
-Experts = Sequence[Mapping[str, torch.Tensor]] | Mapping[str, Mapping[str, torch.Tensor]]
+Expert = Mapping[str, torch.Tensor] | LoraExpert
+Experts = Sequence[Expert] | Mapping[str, Expert]
 CHUNK = 1 << 16  # entries merged per step: K + 4 float32 buffers of 256 KiB stay in a core's cache
 
 
@@ -42,7 +50,7 @@ class _Group:
     shapes: list[torch.Size]
     numels: list[int]
     base: torch.Tensor  # flat, the model's dtype
-    taus: torch.Tensor | None = None  # [K, n] when resident
+    taus: torch.Tensor | None = None  # [rows, n] when resident (see InPlaceMerger.rows)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [c.view(s) for c, s in zip(flat.split(self.numels), self.shapes, strict=True)]
@@ -55,9 +63,9 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 class InPlaceMerger:
     """Writes merges of K experts into `model`'s parameters in place.
 
-    `experts` maps parameter name → expert tensor for each expert, in the order of `alpha`'s entries (a
-    mapping expert name → state names them in errors and seeds DARE's draws); parameters an expert does not
-    carry are taken from the base (their task vector is zero). An expert tensor the base lacks, or of another
+    `experts` maps parameter name → expert tensor for each expert, or is a LoraExpert, in the order of
+    `alpha`'s entries (a mapping expert name → state names them in errors and seeds DARE's draws); parameters
+    an expert does not carry or adapt are taken from the base (their task vector is zero). An expert tensor the base lacks, or of another
     shape or dtype, is a MergemixError naming the expert and the tensor, raised before anything is computed.
     `spec` is the recipe's merge section (or just a method name); `seed` seeds DARE's drops, drawn once per
     expert and tensor, so every trial sees the same sparsified task vectors.
@@ -71,7 +79,8 @@ class InPlaceMerger:
         self.params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
         base_specs = tensor_specs(self.params)
         for expert_name, state in named.items():
-            problem = first_mismatch(base_specs, tensor_specs(state), complete=False)
+            problem = (state.mismatch(base_specs) if isinstance(state, LoraExpert)
+                       else first_mismatch(base_specs, tensor_specs(state), complete=False))
             if problem is not None:
                 raise MergemixError(f"expert {expert_name}: cannot merge it into the base: {problem}")
         self.expert_names = list(named)
@@ -80,6 +89,16 @@ class InPlaceMerger:
         self.seed = seed
         self.rescale = self.method.rescale if self.spec.rescale is None else self.spec.rescale
         self.normalize = self.method.normalize if self.spec.normalize is None else self.spec.normalize
+        loras = [k for k, e in enumerate(self.experts) if isinstance(e, LoraExpert)]
+        # A linear merge takes LoRA experts through their factors; the stacked task vectors are the others'.
+        self.low_rank = bool(loras) and self.method.sparsify is None and not self.method.consensus
+        self.rows = [k for k in range(self.k) if not (self.low_rank and k in loras)]
+        self.factors: dict[str, list[tuple[int, Factors]]] = {}  # weight → (expert, its factors), low_rank only
+        if self.low_rank:
+            device = next(iter(self.params.values())).device
+            for k in loras:
+                for name, f in self.experts[k].items():
+                    self.factors.setdefault(name, []).append((k, f.to(device)))
         self.groups = self._plan()
         self.base = {n: v for g in self.groups for n, v in zip(g.names, g.views(g.base), strict=True)}
         if not self.spec.stream:
@@ -89,8 +108,9 @@ class InPlaceMerger:
 
     def _plan(self) -> list[_Group]:
         """Consecutive parameters of one dtype, up to the working-memory budget per group (a larger tensor is
-        a group of its own). Each merge step holds about 2K + 4 float32 buffers of a group's size."""
-        limit = max(1, int(self.spec.memory_mb * 2**20) // ((2 * self.k + 4) * 4))
+        a group of its own). Each merge step holds about 2K + 4 float32 buffers of a group's size (and two
+        more for the LoRA experts' sum)."""
+        limit = max(1, int(self.spec.memory_mb * 2**20) // ((2 * self.k + 4 + 2 * bool(self.factors)) * 4))
         groups: list[list[str]] = []
         for name, p in self.params.items():
             last = groups[-1] if groups else None
@@ -110,17 +130,23 @@ class InPlaceMerger:
         return torch.float32 if self.spec.task_vectors == "float32" else dtype
 
     def _task_vectors(self, g: _Group) -> torch.Tensor:
-        """[K, n] sparsified task vectors of group `g` in the storage dtype, from the experts' tensors."""
+        """[rows, n] sparsified task vectors of group `g` in the storage dtype, from the experts' tensors (a
+        LoRA expert's: s B A, formed per tensor)."""
         base = g.base
         acc = _accumulator(base.dtype)
-        out = torch.empty((self.k, base.numel()), dtype=self._storage(base.dtype), device=base.device)
+        out = torch.empty((len(self.rows), base.numel()), dtype=self._storage(base.dtype), device=base.device)
         bases = g.views(base)
-        for k, state in enumerate(self.experts):
-            for name, b, o in zip(g.names, bases, g.views(out[k]), strict=True):
+        for row, k in enumerate(self.rows):
+            state = self.experts[k]
+            for name, b, o in zip(g.names, bases, g.views(out[row]), strict=True):
                 if name not in state:
                     o.zero_()
                     continue
-                tau = state[name].to(device=b.device, dtype=acc) - b.to(acc)
+                if isinstance(state, LoraExpert):
+                    one = torch.ones(1, dtype=acc, device=b.device)
+                    tau = weighted_delta([state[name].to(b.device)], one, acc)
+                else:
+                    tau = state[name].to(device=b.device, dtype=acc) - b.to(acc)
                 if self.method.sparsify is not None:
                     tau = self.method.sparsify(tau, self.spec.density, self.rescale, self._generator(k, name, b))
                 o.copy_(tau)
@@ -132,12 +158,36 @@ class InPlaceMerger:
         seed = int(stable_hash([self.seed, self.expert_names[k], name]), 16)
         return torch.Generator(device=like.device).manual_seed(seed)
 
-    def _merged(self, g: _Group, a: torch.Tensor, taus: torch.Tensor, s: int = 0, e: int | None = None
-                ) -> torch.Tensor:
-        """Θ(α) of the group's entries s:e, in the accumulation dtype."""
+    def _low_rank(self, g: _Group, a: torch.Tensor) -> torch.Tensor | None:
+        """Σ α_k s_k B_k A_k of the LoRA experts over group `g`, flat in the accumulation dtype (zero on
+        weights no adapter touches); None when no adapter touches the group. One weight at a time: one
+        matmul of the factors side by side."""
+        if not any(name in self.factors for name in g.names):
+            return None
         acc = _accumulator(g.base.dtype)
-        mixed = combine(taus[:, s:e].to(acc), a.to(device=taus.device, dtype=acc),
-                        self.spec.sign if self.method.consensus else None, self.normalize, self.spec.scale)
+        a = a.to(device=g.base.device, dtype=acc)
+        parts = []
+        for name, numel in zip(g.names, g.numels, strict=True):
+            if name in self.factors:
+                ks, fs = zip(*self.factors[name], strict=True)
+                parts.append(weighted_delta(fs, a[list(ks)], acc).reshape(-1))
+            else:
+                parts.append(torch.zeros(numel, dtype=acc, device=g.base.device))
+        return torch.cat(parts)
+
+    def _merged(self, g: _Group, a: torch.Tensor, taus: torch.Tensor, low: torch.Tensor | None = None, s: int = 0,
+                e: int | None = None) -> torch.Tensor:
+        """Θ(α) of the group's entries s:e, in the accumulation dtype; `low` is `_low_rank`'s sum."""
+        acc = _accumulator(g.base.dtype)
+        a = a.to(device=taus.device, dtype=acc)
+        if not self.low_rank:
+            mixed = combine(taus[:, s:e].to(acc), a, self.spec.sign if self.method.consensus else None,
+                            self.normalize, self.spec.scale)
+        else:
+            mixed = combine(taus[:, s:e].to(acc), a[self.rows])
+            if low is not None:
+                mixed = mixed + low[s:e]
+            mixed = finish(mixed, a.sum(), self.normalize, self.spec.scale)
         return g.base[s:e].to(acc) + mixed
 
     def _alpha(self, alpha: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -155,6 +205,7 @@ class InPlaceMerger:
         a = self._alpha(alpha)
         for g in self.groups:
             taus = g.taus if g.taus is not None else self._task_vectors(g)
+            low = self._low_rank(g, a)
             flat = [self.params[n].detach().view(-1) for n in g.names]
             starts = [0]
             for size in g.numels:
@@ -162,7 +213,7 @@ class InPlaceMerger:
             first = 0  # the first parameter overlapping the chunk
             for s in range(0, starts[-1], CHUNK):
                 e = min(s + CHUNK, starts[-1])
-                merged = self._merged(g, a, taus, s, e).to(g.base.dtype)
+                merged = self._merged(g, a, taus, low, s, e).to(g.base.dtype)
                 while starts[first + 1] <= s:
                     first += 1
                 dests, sizes, i = [], [], first
@@ -180,7 +231,7 @@ class InPlaceMerger:
         out = {}
         for g in self.groups:
             taus = g.taus if g.taus is not None else self._task_vectors(g)
-            out.update(zip(g.names, g.views(self._merged(g, a, taus)), strict=True))
+            out.update(zip(g.names, g.views(self._merged(g, a, taus, self._low_rank(g, a))), strict=True))
         return out
 
     @torch.no_grad()

@@ -75,21 +75,26 @@ def combine(
     """
     weights = alpha.to(taus.dtype).reshape(-1, *([1] * (taus.dim() - 1)))
     weighted = taus * weights
-    if consensus is not None:
-        sign = weighted.sign()
-        votes = weighted.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
-        mask = sign == (votes >= 0).to(weighted.dtype) * 2 - 1
-        mixed = (weighted * mask).sum(dim=0)
-        if normalize:
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
-    else:
-        mixed = weighted.sum(dim=0)
-        if normalize:
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-            mixed /= divisor
+    if consensus is None:
+        return finish(weighted.sum(dim=0), weights.sum(dim=0), normalize, scale)
+    sign = weighted.sign()
+    votes = weighted.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
+    mask = sign == (votes >= 0).to(weighted.dtype) * 2 - 1
+    mixed = (weighted * mask).sum(dim=0)
+    if normalize:
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return mixed
+
+
+def finish(mixed: torch.Tensor, weight: torch.Tensor, normalize: bool, scale: float) -> torch.Tensor:
+    """The tail of a merge without sign election: the weighted sum `mixed` (changed in place) divided by the
+    total `weight` with `normalize` (a total under 1e-8 counts as 1, so all-zero α gives zero), times `scale`."""
+    if normalize:
+        mixed /= torch.where(weight.abs() < 1e-8, torch.ones_like(weight), weight)
     if scale != 1:
         mixed *= scale
     return mixed
