@@ -2,8 +2,8 @@
 
 - merge time ÷ a plain copy of the model's bytes (1 thread; goal ≤ 1.5 × (K + 2) / 2, the bandwidth floor of
   reading K task vectors and the base and writing the result);
-- peak memory the merger adds, in bytes per parameter, for resident fp32, resident bf16 and streamed merges
-  (each in a fresh process; anonymous memory sampled every millisecond, so memory-mapped expert files that
+- peak memory the merger adds, in bytes per parameter, for resident fp32, resident bf16, streamed and LoRA
+  (r = 16 on every linear layer, merged from the factors) merges (each in a fresh process; anonymous memory sampled every millisecond, so memory-mapped expert files that
   the kernel can drop do not count);
 - one mergemix trial (a merge written into the resident model) ÷ mergekit writing the same merge to disk.
 
@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 K = 4
-MODES = {"resident fp32": ("float32", False), "resident bf16": ("bfloat16", False), "streamed fp32": ("float32", True)}
+LORA_R = 16
+# mode: (model dtype, stream, LoRA experts)
+MODES = {"resident fp32": ("float32", False, False), "resident bf16": ("bfloat16", False, False),
+         "streamed fp32": ("float32", True, False), f"LoRA r={LORA_R} fp32": ("float32", False, True)}
 
 
 def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -51,6 +54,16 @@ def _write_checkpoints(root: Path) -> None:
             for n, p in model.named_parameters():
                 p.copy_(base[n] + 0.01 * torch.randn(p.shape, generator=g))
         model.save_pretrained(root / f"e{k}")
+
+
+def _write_adapters(root: Path) -> None:
+    """K peft LoRA adapters of rank LORA_R on every linear layer of the base, with random factors."""
+    from peft import LoraConfig, get_peft_model
+
+    for k in range(K):
+        torch.manual_seed(10 + k)
+        config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(_model(), config).save_pretrained(root / f"l{k}")
 
 
 def _timed(fn, repeat: int = 5) -> float:
@@ -97,14 +110,25 @@ class _AnonPeak:
 def _merger(root: Path, mode: str):  # noqa: ANN202 (an InPlaceMerger, imported late)
     from mergemix.merge import InPlaceMerger
     from mergemix.merge.lazy import SafetensorsState
+    from mergemix.merge.lora import LoraExpert
     from mergemix.recipe import MergeSpec
 
-    dtype, stream = MODES[mode]
+    dtype, stream, lora = MODES[mode]
     model = _model(getattr(torch, dtype))
     experts = {f"e{k}": SafetensorsState(root / f"e{k}" / "model.safetensors") for k in range(K)}
+    if lora:
+        experts = {f"l{k}": LoraExpert(root / f"l{k}") for k in range(K)}
     if dtype != "float32":  # experts of the model's dtype, as a bf16 run trains them
         experts = {name: {t: v.to(getattr(torch, dtype)) for t, v in s.items()} for name, s in experts.items()}
     return lambda: InPlaceMerger(model, experts, MergeSpec(stream=stream, memory_mb=64)), model
+
+
+def _lora_share(model: torch.nn.Module) -> float:
+    """Bytes per model parameter of K float32 LoRA factor pairs, K · r · (d_in + d_out) · 4 over every linear
+    layer but the head: what LoRA experts add instead of K task vectors."""
+    linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    return 4 * K * LORA_R * sum(m.in_features + m.out_features for m in linear) / sum(
+        p.numel() for p in model.parameters())
 
 
 def child(root: Path, mode: str) -> None:
@@ -124,6 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _write_checkpoints(root)
+        _write_adapters(root)
         torch.set_num_threads(1)
         model = _model()
         n = sum(p.numel() for p in model.parameters())
@@ -152,7 +177,7 @@ def main() -> None:
             del m
             print(f"{mode:<16}{per_param:>21.1f}{seconds * 1e3:>10.1f}{seconds / copy:>8.2f}")
         print("(the old merger kept a float32 base and K float32 task vectors: 4 (K + 1) = "
-              f"{4 * (K + 1)} B/param at K = {K})")
+              f"{4 * (K + 1)} B/param at K = {K}; LoRA factors: {_lora_share(model):.2f} B/param at K = {K})")
         print()
         try:
             from mergekit.config import MergeConfiguration

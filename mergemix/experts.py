@@ -1,8 +1,10 @@
 """Train (or reuse) one expert per domain from the shared base.
 
 An expert's directory is a Hugging Face checkpoint that other tools open as it is (config.json, the
-tokenizer, model*.safetensors in the base's dtype) plus `manifest.json` ("kind": "full"; what it was
-trained from and how, plus its loss curve), written last: a directory without a manifest is unfinished.
+tokenizer, model*.safetensors in the base's dtype), or with `experts.lora` a peft adapter directory
+(adapter_config.json, adapter_model.safetensors, the tokenizer), plus `manifest.json` ("kind": "full" or
+"lora"; what it was trained from and how, plus its loss curve), written last: a directory without a
+manifest is unfinished.
 The manifest's `key` hashes every input: base, data, recipe fields, seed. An expert whose key matches is
 reused; one whose training was killed resumes from its checkpoint.
 
@@ -22,9 +24,11 @@ import torch
 
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
+from mergemix.errors import MergemixError
 from mergemix.merge.check import Spec, check_expert_file, tensor_specs
 from mergemix.merge.lazy import SafetensorsState
-from mergemix.recipe import Recipe
+from mergemix.merge.lora import ADAPTER_CONFIG, ADAPTER_FILE, LoraExpert, check_adapter
+from mergemix.recipe import LoraSpec, Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ MODEL_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's map of a sharded checkpoint
 MANIFEST = "manifest.json"
 KIND = "full"  # a full-parameter expert saved as a Hugging Face checkpoint
+LORA = "lora"  # a peft LoRA adapter of the base
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,12 @@ class Expert:
     key: str
     manifest: dict
 
-    def state(self) -> SafetensorsState:
+    def state(self) -> SafetensorsState | LoraExpert:
         """Parameter name → tensor as saved (a tied output embedding is stored once, like the base's
-        named_parameters give it), read from the memory-mapped shards as they are used."""
+        named_parameters give it), read from the memory-mapped shards as they are used; or, for a LoRA
+        expert, its adapters' factors."""
+        if self.manifest.get("kind") == LORA:
+            return LoraExpert(self.path)
         return SafetensorsState(weight_files(self.path))
 
 
@@ -62,7 +70,9 @@ def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], 
     data = [blocks[domain].content_hash] + (
         [blocks[d].content_hash for d in sorted(blocks)] if spec.replay > 0 else []
     )
-    training = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every", *spec.train_fields()})
+    # lora counts only when set, so full experts keep the keys they had before the field existed
+    training = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every", *spec.train_fields(),
+                                                     *(["lora"] if spec.lora is None else [])})
     return stable_hash([base_hash, data, training, spec.num_steps(recipe.data.seq_len), recipe.data.seq_len,
                         _seed(recipe.seed, domain), domain, *precision_key(recipe)])
 
@@ -87,21 +97,21 @@ def general_probs(blocks: dict[str, DomainBlocks], names: list[str]) -> tuple[fl
     return tuple(blocks[n].n_tokens / total for n in names)
 
 
-def _finished(out: Path, key: str, name: str, base: dict[str, Spec]) -> dict | None:
-    """The manifest of a finished expert for `key` in `out`, or None if it must be trained. The key says the
-    weights are current, but the files may have been replaced since: their tensors (names, shapes, dtypes,
-    from the headers) are checked against the base's `specs`."""
+def _finished(out: Path, key: str, name: str, base: dict[str, Spec], kind: str) -> dict | None:
+    """The manifest of a finished expert of `kind` for `key` in `out`, or None if it must be trained. The key
+    says the weights are current, but the files may have been replaced since: their tensors (names, shapes,
+    dtypes, from the headers; a LoRA adapter's factors) are checked against the base's `specs`."""
     path = out / MANIFEST
     if not path.exists():
         return None
     manifest = read_json(path)
     if manifest.get("key") != key:
         return None
-    if manifest.get("kind") != KIND:
+    if manifest.get("kind") != kind:
         log.info("expert %s: %s holds weights only (an older layout without config or tokenizer); training it "
                  "again", name, out)
         return None
-    problem = check_expert_file(weight_files(out), base)
+    problem = check_adapter(out, base) if kind == LORA else check_expert_file(weight_files(out), base)
     if problem is not None:
         log.warning("expert %s: %s does not match the base: %s; training it again", name, out, problem)
         return None
@@ -133,7 +143,7 @@ def train_experts(
     for name in [n for n in names if domains is None or n in domains]:
         out = run_dir / "experts" / name
         key = expert_key(recipe, base_hash, blocks, name)
-        manifest = _finished(out, key, name, base_specs)
+        manifest = _finished(out, key, name, base_specs, LORA if spec.lora else KIND)
         accelerator.wait_for_everyone()  # every process has decided before the main one changes anything
         if manifest is not None:
             log.info("expert %s: reusing %s", name, out)
@@ -143,6 +153,8 @@ def train_experts(
             out.mkdir(parents=True, exist_ok=True)
             (out / MANIFEST).unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
         model = copy.deepcopy(base)
+        if spec.lora is not None:
+            model = with_adapters(model, spec.lora, _seed(recipe.seed, name))
         sampler = Sampler(pools, probs, spec.batch_size, seed=_seed(recipe.seed, name),
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
         cfg = TrainConfig(steps=steps, lr=spec.lr, warmup_steps=spec.warmup_steps, schedule="constant",
@@ -152,7 +164,7 @@ def train_experts(
         losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"expert {name}", accelerator=accelerator)
         manifest = {
             "key": key,
-            "kind": KIND,
+            "kind": LORA if spec.lora else KIND,
             "domain": name,
             "base_hash": base_hash,
             "data_hash": blocks[name].content_hash,
@@ -163,6 +175,7 @@ def train_experts(
             "seed": recipe.seed,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "loss_curve": [round(x, 5) for x in losses],
+            **({"lora": spec.lora.model_dump(mode="json")} if spec.lora else {}),
         }
         if main:
             save_expert(model, tokenizer, out, manifest)
@@ -174,9 +187,27 @@ def train_experts(
     return experts
 
 
+def with_adapters(model: torch.nn.Module, spec: LoraSpec, seed: int) -> torch.nn.Module:
+    """`model` wrapped by peft with fresh LoRA adapters (its own weights frozen), initialised from `seed` so
+    an expert trained again gets the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=spec.target_modules, task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:
+            raise MergemixError(f"experts.lora.target_modules: {e}") from None
+
+
 def save_expert(model: torch.nn.Module, tokenizer: object, out: Path, manifest: dict) -> None:
-    """`model` (in its own dtype) and `tokenizer` as a Hugging Face directory, then `manifest` last: a kill
-    before the manifest leaves an expert that is trained again, never one that is half written."""
+    """`model` (in its own dtype; a peft model saves its adapters) and `tokenizer` as a Hugging Face
+    directory, then `manifest` last: a kill before the manifest leaves an expert that is trained again, never
+    one that is half written. The other kind's weight files, from an earlier run, are removed first."""
+    for stale in [*out.glob("model*.safetensors"), out / WEIGHTS_INDEX, out / ADAPTER_CONFIG, out / ADAPTER_FILE]:
+        stale.unlink(missing_ok=True)
     model.save_pretrained(out)  # type: ignore[attr-defined]
     if tokenizer is not None:
         tokenizer.save_pretrained(out)  # type: ignore[attr-defined]

@@ -124,8 +124,20 @@ class DataSpec(_Model):
         return v
 
 
+class LoraSpec(_Model):
+    """LoRA experts (peft): each expert trains low-rank adapters on the frozen base instead of all weights."""
+
+    r: int = Field(8, gt=0, description="rank of each adapter")
+    alpha: float = Field(16.0, gt=0, description="peft's lora_alpha: an adapter's update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input during training")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="modules given adapters, as peft's target_modules: names or name suffixes "
+        "(e.g. [q_proj, v_proj]), or all-linear (every linear layer but the output head)")
+
+
 class ExpertSpec(_Model):
-    """One short, constant-learning-rate, full-parameter run per domain, all from the same base."""
+    """One short, constant-learning-rate run per domain, all from the same base: full-parameter, or LoRA
+    adapters with `lora`."""
 
     steps: int | None = Field(
         None, gt=0, description="optimizer steps per expert; tokens = steps x batch_size x seq_len"
@@ -160,6 +172,10 @@ class ExpertSpec(_Model):
         "auto", description="training precision (expert and report runs; separate from base.dtype, the load "
         "dtype): weights and AdamW state are float32 in all; bf16/fp16 compute the forward pass under autocast, "
         "fp16 with a loss scaler (CUDA only). auto: bf16 on a CUDA GPU that supports it, else fp32",
+    )
+    lora: LoraSpec | None = Field(
+        None, description="train peft LoRA adapters instead of full experts (merged without forming their task "
+        "vectors for linear merges); unset: full-parameter experts",
     )
 
     @model_validator(mode="after")

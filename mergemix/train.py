@@ -260,7 +260,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     """Write a resume checkpoint as one safetensors file, atomically: tensors (parameters, optimizer
     state, the CPU RNG state) as tensors, and step, losses, optimizer hyper-parameters and the scheduler's
     counters as JSON in its metadata. Nothing in it is a pickle, so loading it cannot run code."""
-    tensors = {f"model/{n}": p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
+    tensors = {f"model/{n}": p.detach().to("cpu").contiguous() for n, p in _trained(model).items()}
     opt_state = opt.state_dict()
     scalars: dict[str, dict[str, float | int | bool]] = {}
     for idx, entry in opt_state["state"].items():
@@ -286,7 +286,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[_META])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        params = dict(model.named_parameters())
+        params = _trained(model)
         saved = {k.removeprefix("model/") for k in tensors if k.startswith("model/")}
         if saved != set(params) or any(tensors[f"model/{n}"].shape != p.shape for n, p in params.items()):
             raise ValueError("its parameters do not match the model's")
@@ -310,6 +310,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng/cpu"])
     return meta["step"], list(meta["losses"])
+
+
+def _trained(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters training changes (all but those frozen, e.g. the base's under LoRA adapters)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def remove_checkpoint(path: Path | None) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from mergemix.errors import MergemixError
 from mergemix.train import Sampler, TrainConfig, resolve_precision, train
@@ -15,13 +16,22 @@ class Killed(Exception):
     pass
 
 
-def test_resumed_training_equals_uninterrupted(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
-    model, tok = tiny_lm
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resumed_training_equals_uninterrupted(tiny_lm: tuple[Any, Any], tmp_path: Path, lora: bool) -> None:
+    """Also for LoRA experts (peft adapters on the frozen base), whose checkpoint holds only the adapters."""
+    from mergemix.experts import with_adapters
+    from mergemix.recipe import LoraSpec
+
+    base, tok = tiny_lm
     pools = (torch.randint(0, len(tok), (20, 16)), torch.randint(0, len(tok), (20, 16)))
     sampler = Sampler(pools, (0.7, 0.3), batch_size=4, seed=3, own=pools[0], own_rows=2)
     cfg = TrainConfig(steps=6, lr=1e-3, warmup_steps=2, checkpoint_every=2)
 
-    straight = copy.deepcopy(model)
+    def fresh() -> torch.nn.Module:
+        """The model to train, as a new process builds it."""
+        return with_adapters(copy.deepcopy(base), LoraSpec(r=2), seed=1) if lora else copy.deepcopy(base)
+
+    straight = fresh()
     losses = train(straight, sampler, cfg)
 
     def dies_at_step_5(step: int) -> torch.Tensor:
@@ -30,11 +40,13 @@ def test_resumed_training_equals_uninterrupted(tiny_lm: tuple[Any, Any], tmp_pat
         return sampler(step)
 
     ckpt = tmp_path / "ckpt.safetensors"
-    resumed = copy.deepcopy(model)
+    resumed = fresh()
     with pytest.raises(Killed):
         train(resumed, dies_at_step_5, cfg, checkpoint=ckpt)
     assert ckpt.exists()
-    resumed = copy.deepcopy(model)  # a fresh process: only the checkpoint survives
+    saved = {k for k in safe_open(str(ckpt), "pt").keys() if k.startswith("model/")}  # noqa: SIM118
+    assert all(".lora_" in k for k in saved) == lora and saved
+    resumed = fresh()  # a fresh process: only the checkpoint survives
     losses2 = train(resumed, sampler, cfg, checkpoint=ckpt)
     assert losses2 == pytest.approx(losses)
     for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):

@@ -73,7 +73,7 @@ def parse_alpha(text: str, recipe: Recipe) -> dict[str, float]:
     return alpha
 
 
-def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, Path], alpha: dict[str, float],
+def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, str], alpha: dict[str, float],
                     dtype: str) -> dict:
     """The mergekit (0.1.5) configuration of the same merge: method, weights, density and flags."""
     from mergemix.merge.methods import MERGE_METHODS
@@ -91,7 +91,7 @@ def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, Path], alpha
     config = {
         "merge_method": method.mergekit,
         "base_model": str(base),
-        "models": [{"model": str(experts[d]), "parameters": {"weight": a, **per_model}} for d, a in alpha.items()],
+        "models": [{"model": experts[d], "parameters": {"weight": a, **per_model}} for d, a in alpha.items()],
         "dtype": dtype,
     }
     if params:
@@ -102,9 +102,8 @@ def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, Path], alpha
 def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | Path | None = None) -> Exported:
     """Merge the run's experts at α and write `out` (default RUN/export/LABEL-HASH): the model and
     tokenizer as a Hugging Face directory, `alpha.json` and `mergekit.yaml`."""
-    from mergemix.experts import MANIFEST, MODEL_FILE, expert_key
+    from mergemix.experts import LORA, MANIFEST, Expert, expert_key
     from mergemix.merge.inplace import InPlaceMerger
-    from mergemix.merge.lazy import SafetensorsState
     from mergemix.pipeline import start
 
     recipe = resolve_run(run_or_recipe)
@@ -112,6 +111,7 @@ def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | P
     ws = start(recipe)
     assert ws.model is not None and ws.base_path is not None
     dirs: dict[str, Path] = {}
+    experts: dict[str, Expert] = {}
     keys = []
     for d in recipe.domain_names:
         folder = (ws.run_dir / "experts" / d).resolve()
@@ -119,18 +119,24 @@ def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | P
         manifest = folder / MANIFEST
         if not manifest.exists() or read_json(manifest).get("key") != key:
             raise MergemixError(f"expert {d}: no current expert in {folder}; run mergemix propose first")
+        experts[d] = Expert(d, folder, key, read_json(manifest))
         dirs[d] = folder
         keys.append(key)
     label = alpha_text if alpha_text in ("proposal", "best") else "alpha"
     target = Path(out) if out else ws.run_dir / "export" / (
         f"{label}-{stable_hash([keys, recipe.merge.key(), alpha], 8)}")
-    states = {d: SafetensorsState(dirs[d] / MODEL_FILE) for d in dirs}
+    states = {d: e.state() for d, e in experts.items()}
     InPlaceMerger(ws.model, states, recipe.merge, recipe.seed).apply([alpha[d] for d in recipe.domain_names])
     base = Path(ws.base_path).resolve()
-    for folder in dirs.values():  # mergekit reads a model from a directory with its config
-        if not (folder / "config.json").exists():
+    models = {}
+    for d, folder in dirs.items():
+        if experts[d].manifest.get("kind") == LORA:  # mergekit applies an adapter to a model as MODEL+LORA
+            models[d] = f"{base}+{folder}"
+            continue
+        models[d] = str(folder)
+        if not (folder / "config.json").exists():  # mergekit reads a model from a directory with its config
             shutil.copyfile(base / "config.json", folder / "config.json")
-    config = mergekit_config(recipe.merge, base, dirs, alpha, recipe.base.dtype)
+    config = mergekit_config(recipe.merge, base, models, alpha, recipe.base.dtype)
     note = "" if recipe.merge.sign == "sum" else "# mergekit 0.1.5 elects signs by sum; this run used count\n"
     if target.exists() and any(target.iterdir()):
         raise MergemixError(f"{target}: exists and is not empty; remove it or give another --out")
