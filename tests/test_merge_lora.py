@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -153,3 +154,17 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_in_one_line(
         InPlaceMerger(base, {n: LoraExpert(d) for n, d in dirs.items()})
     assert check_adapter(tmp_path / "missing", tensor_specs(_params(base))).startswith(
         "cannot read it (not a peft LoRA adapter directory")
+
+
+def test_report_cosines_of_lora_experts_equal_those_of_their_merged_weights(
+        adapters: tuple[torch.nn.Module, dict[str, Path]]) -> None:
+    from mergemix.merge.lora import Applied
+    from mergemix.report.interference import task_vector_cosines
+
+    base, dirs = adapters
+    before = _params(base)
+    applied = [Applied(LoraExpert(d), before) for d in dirs.values()]
+    merged = [_peft_reference(base, {n: d}, [1.0]) for n, d in dirs.items()]
+    want = task_vector_cosines(before, merged)
+    assert abs(want[0, 1]) > 1e-3  # the adapters share q and v
+    np.testing.assert_allclose(task_vector_cosines(before, applied), want, atol=1e-4)

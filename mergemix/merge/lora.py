@@ -114,6 +114,30 @@ class LoraExpert(Mapping[str, Factors]):
         return None
 
 
+class Applied(Mapping[str, torch.Tensor]):
+    """A LoRA expert's weights W + s B A (float64) of the weights it adapts, formed one at a time on access:
+    the mapping of expert weights that code reading full experts' task vectors takes. Weights it does not
+    adapt are absent (their task vector is zero). The last weight formed is kept, for readers that take it
+    chunk by chunk."""
+
+    def __init__(self, lora: LoraExpert, base: Mapping[str, torch.Tensor]) -> None:
+        self.lora, self.base = lora, base
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            w = self.base[name]
+            one = torch.ones(1, dtype=torch.float64, device=w.device)
+            self._last = name, w.to(torch.float64) + weighted_delta([self.lora[name].to(w.device)], one, torch.float64)
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lora)
+
+    def __len__(self) -> int:
+        return len(self.lora)
+
+
 def check_adapter(path: str | Path, base: Mapping[str, Spec]) -> str | None:
     """Why the LoRA adapter directory `path` cannot be merged into `base`, or None when it can."""
     try:

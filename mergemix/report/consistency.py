@@ -28,6 +28,7 @@ import torch
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.evaluate import Objective
 from mergemix.experts import general_probs
+from mergemix.merge.lora import Applied, LoraExpert
 from mergemix.modeling import param_count
 from mergemix.pipeline import Proposed, Workspace, benchmark_key, evaluation_key, run_proposal, start
 from mergemix.progress import progress
@@ -174,7 +175,9 @@ def _interference(ws: Workspace, proposed: Proposed) -> dict[str, Any]:
     path = ws.run_dir / "report" / "interference.json"
     if path.exists() and read_json(path).get("key") == key:
         return read_json(path)
-    cosines = task_vector_cosines(proposed.merger.base, [e.state() for e in ws.experts])
+    base = proposed.merger.base
+    states = [e.state() for e in ws.experts]
+    cosines = task_vector_cosines(base, [Applied(s, base) if isinstance(s, LoraExpert) else s for s in states])
     out: dict[str, Any] = {"key": key, "cosine": np.round(cosines, 4).tolist()}
     if n_rows:
         rng = np.random.default_rng([r.seed, 9])
