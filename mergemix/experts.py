@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections import ChainMap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
+from mergemix.merge.check import Spec, file_specs, first_mismatch, tensor_specs
+from mergemix.merge.lazy import SafetensorsState
 from mergemix.recipe import Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
 
@@ -41,15 +43,11 @@ class Expert:
     key: str
     manifest: dict
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """Parameter name → tensor, as saved (a tied output embedding is stored once, like the base's
-        named_parameters give it)."""
-        index = self.path / WEIGHTS_INDEX
-        files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else [MODEL_FILE]
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(self.path / f)))
-        return state
+    def state(self) -> Mapping[str, torch.Tensor]:
+        """The expert's parameters, read from the memory-mapped file(s) as they are used (a tied output
+        embedding is stored once, as the base's named_parameters give it)."""
+        states = [SafetensorsState(f) for f in weight_files(self.path)]
+        return states[0] if len(states) == 1 else ChainMap(*states)
 
 
 def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], domain: str) -> str:
@@ -84,7 +82,15 @@ def general_probs(blocks: dict[str, DomainBlocks], names: list[str]) -> tuple[fl
     return tuple(blocks[n].n_tokens / total for n in names)
 
 
-def _finished(out: Path, key: str, name: str) -> dict | None:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors file(s) of a Hugging Face checkpoint directory (one, or the shards of its index)."""
+    index = path / WEIGHTS_INDEX
+    if index.exists():
+        return [path / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+    return [path / MODEL_FILE]
+
+
+def _finished(out: Path, key: str, name: str, base_specs: dict[str, Spec]) -> dict | None:
     """The manifest of a finished expert for `key` in `out`, or None if it must be trained."""
     path = out / MANIFEST
     if not path.exists():
@@ -95,6 +101,17 @@ def _finished(out: Path, key: str, name: str) -> dict | None:
     if manifest.get("kind") != KIND:
         log.info("expert %s: %s holds weights only (an older layout without config or tokenizer); training it "
                  "again", name, out)
+        return None
+    # The key says the weights are current, but the files may have been replaced since.
+    files = weight_files(out)
+    try:
+        specs = {k: v for f in files for k, v in file_specs(f).items()}
+        problem = first_mismatch(base_specs, specs)
+    except (OSError, ValueError, KeyError) as e:
+        problem = f"cannot read it ({e})"
+    if problem is not None:
+        log.warning("expert %s: %s does not match the base: %s; training it again", name,
+                    files[0] if len(files) == 1 else out, problem)
         return None
     return manifest
 
@@ -119,11 +136,12 @@ def train_experts(
     probs = general_probs(blocks, general)
     accelerator = make_accelerator(recipe.device)
     main = accelerator.is_main_process
+    base_specs = tensor_specs(dict(base.named_parameters()))
     experts = []
     for name in [n for n in names if domains is None or n in domains]:
         out = run_dir / "experts" / name
         key = expert_key(recipe, base_hash, blocks, name)
-        manifest = _finished(out, key, name)
+        manifest = _finished(out, key, name, base_specs)
         accelerator.wait_for_everyone()  # every process has decided before the main one changes anything
         if manifest is not None:
             log.info("expert %s: reusing %s", name, out)

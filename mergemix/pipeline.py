@@ -135,7 +135,7 @@ def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
 
 def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
     """What raw trial scores depend on: the experts, the merge method and the benchmarks."""
-    return stable_hash([[e.key for e in ws.experts], recipe.merge.method, benchmark_key(recipe, ws)])
+    return stable_hash([[e.key for e in ws.experts], recipe.merge.key(), benchmark_key(recipe, ws)])
 
 
 def _signal(result: SearchResult, recipe: Recipe) -> list[Signal]:
@@ -219,7 +219,7 @@ def run_proposal(ws: Workspace) -> Proposed | None:
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                               ws.cache_dir, ws.benchmark_data)
-        merger = InPlaceMerger(ws.model, [e.state() for e in ws.experts], recipe.merge.method)
+        merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed)
         names = recipe.domain_names
 
         def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -353,7 +353,34 @@ class EvalSpec(_Model):
 
 
 class MergeSpec(_Model):
-    method: str = Field("linear", description="merge method: linear (task arithmetic)")
+    """How experts are merged for each trial; the methods mean what mergekit's of the same name mean
+    (`mergemix ls` lists them)."""
+
+    method: str = Field("linear", description="merge method: linear (= task_arithmetic), ties, dare_linear, "
+                        "dare_ties")
+    density: float = Field(0.5, gt=0, le=1, description="ties and dare: share of each task vector kept, per "
+                           "tensor (ties: the largest magnitudes; dare: a seeded random draw)")
+    rescale: bool | None = Field(None, description="ties and dare: scale the kept entries so each tensor keeps "
+                                 "its L1 norm (default: on for dare, off for ties)")
+    normalize: bool | None = Field(None, description="divide the merged task vector by the weight that took part "
+                                   "(per entry for ties; default: on for ties, off otherwise)")
+    sign: Literal["sum", "count"] = Field("sum", description="ties and dare_ties: the elected sign of an entry is "
+                                          "that of the weighted sum (TIES paper) or of most experts")
+    scale: float = Field(1.0, description="lambda: the merged task vector is multiplied by it")
+    task_vectors: Literal["model", "float32"] = Field(
+        "model", description="dtype task vectors are kept in: the model's (half the memory for bfloat16 models) "
+        "or float32; sums accumulate in float32 either way")
+    stream: bool = Field(False, description="read the experts' memory-mapped safetensors files for every merge "
+                         "instead of keeping task vectors in memory: slower, memory no longer grows with K; "
+                         "the same result")
+    memory_mb: float = Field(512, gt=0, description="working memory of one merge step in MiB: parameters are merged "
+                           "in groups of about this size")
+
+    def key(self) -> Any:
+        """What merged weights depend on: the method name alone when every other result-changing field has its
+        default (so earlier runs' trial logs still count)."""
+        changed = self.model_dump(mode="json", exclude={"method", "stream", "memory_mb"}, exclude_defaults=True)
+        return [self.method, changed] if changed else self.method
 
     @field_validator("method")
     @classmethod

@@ -67,3 +67,43 @@ def test_word_problems_gen_is_well_formed(cache: Path) -> None:
         work = it.question.rpartition("Answer: ")[2].removesuffix(" =")
         assert eval(work) == int(it.answers[0])  # noqa: S307 - generated arithmetic like "12 + 7"
         assert it.question not in mc
+
+
+LEDGER = ["calendar", "tables", "letters", "shipping_notes", "due_dates_mc", "table_rows_mc"]
+
+
+@pytest.mark.parametrize("name", LEDGER)
+def test_ledger_corpora_are_deterministic(name: str) -> None:
+    make = BUILTINS.get(name)
+    assert make() == make()  # generated from fixed seeds: the same testbed on every run and machine
+
+
+def test_due_dates_mc_is_well_formed(cache: Path) -> None:
+    import datetime
+
+    items = load_mc_items("builtin:due_dates_mc", cache)
+    assert len(items) == 400
+    for _, question, choices, answer, _ in items:
+        start, _, days = question.rpartition("\n")[2].removesuffix(" days =").partition(" + ")
+        right = datetime.date.fromisoformat(start) + datetime.timedelta(days=int(days))
+        assert choices[answer] == str(right) and len(set(choices)) == 4
+
+
+def test_table_rows_mc_answer_keeps_the_header_order(cache: Path) -> None:
+    items = load_mc_items("builtin:table_rows_mc", cache)
+    assert len(items) > 350
+    for _, question, choices, answer, _ in items:
+        header = question.splitlines()[0].split(", ")
+        fields = choices[answer].split(", ")
+        assert len(fields) == len(header) - 1 and len(set(choices)) == 4
+        # numbers sit where the header puts count/price/age; a shuffled option puts them elsewhere
+        numeric = [f.replace(".", "").isdigit() for f in fields]
+        assert numeric == [h in ("count", "price", "age") for h in header[1:]]
+
+
+def test_shipping_notes_is_no_training_text(cache: Path) -> None:
+    notes = _texts("shipping_notes", cache)
+    training = set(_texts("calendar", cache) + _texts("tables", cache) + _texts("letters", cache))
+    assert not training.intersection(notes)
+    # each note mixes all three forms: a letter, a date sum and a table
+    assert all(n.startswith("Dear ") and " on 20" in n and "town, item, count, price" in n for n in notes)

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergemix.errors import MergemixError
 from mergemix.merge import InPlaceMerger
+from mergemix.merge.check import check_expert_file, tensor_specs
+from mergemix.recipe import MergeSpec
 
 
 def _model() -> torch.nn.Module:
@@ -51,3 +58,117 @@ def test_wrong_alpha_length() -> None:
         assert "expected (1,)" in str(e)
     else:
         raise AssertionError("no error for a wrong alpha length")
+
+
+def test_an_expert_of_another_shape_is_refused_naming_it_and_the_tensor() -> None:
+    model = _model()
+    good = _expert(model, 0.1)
+    bad = {**good, "1.weight": torch.zeros(3, 3)}
+    with pytest.raises(MergemixError, match=r"^expert math: .*tensor 1\.weight has shape \[3, 3\], the base's is "
+                       r"\[2, 3\]$"):
+        InPlaceMerger(model, {"code": good, "math": bad})
+    with pytest.raises(MergemixError, match="expert code: .*tensor 0.weight is BF16, the base's is F32"):
+        InPlaceMerger(model, {"code": {**good, "0.weight": good["0.weight"].bfloat16()}})
+    with pytest.raises(MergemixError, match="expert #0: .*tensor 2.weight is not in the base"):
+        InPlaceMerger(model, [{**good, "2.weight": torch.zeros(1)}])
+
+
+def test_expert_file_check_reads_the_header(tmp_path: Path) -> None:
+    model = _model()
+    specs = tensor_specs(dict(model.named_parameters()))
+    path = tmp_path / "e.safetensors"
+    save_file({n: p.detach().clone() for n, p in model.named_parameters()}, str(path))
+    assert check_expert_file(path, specs) is None
+    save_file({n: p.detach().clone() for n, p in model.named_parameters() if n != "0.bias"}, str(path))
+    assert check_expert_file(path, specs) == "tensor 0.bias of the base is missing"
+    path.write_bytes(b"not a model")
+    assert "cannot read it" in str(check_expert_file(path, specs))
+
+
+def _llama_pair(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, dict[str, torch.Tensor]]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    experts = {name: {n: (p.detach().float() + s * torch.randn(p.shape, generator=g)).to(dtype)
+                      for n, p in model.named_parameters()}
+               for name, s in (("code", 0.01), ("math", 0.03), ("prose", 0.02))}
+    return model, experts
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties"])
+def test_streamed_merge_equals_resident_exactly(tmp_path: Path, method: str) -> None:
+    """A tiny memory budget (every tensor a group of its own, task vectors read from the files for every
+    merge) gives the same bits as the resident merge with one group."""
+    from mergemix.merge.lazy import SafetensorsState
+
+    model, experts = _llama_pair()
+    for name, state in experts.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    files = {n: SafetensorsState(tmp_path / f"{n}.safetensors") for n in experts}
+    resident = InPlaceMerger(model, experts, MergeSpec(method=method, density=0.4), seed=3)
+    streamed = InPlaceMerger(model, files, MergeSpec(method=method, density=0.4, stream=True, memory_mb=0.001),
+                             seed=3)
+    assert len(resident.groups) == 1 and len(streamed.groups) == len(list(model.parameters()))
+    for alpha in ([0.2, 0.5, 0.3], [1.0, 0.0, 0.0], [0.6, -0.1, 0.5]):
+        resident.apply(alpha)
+        want = _params(model)
+        streamed.restore()
+        streamed.apply(alpha)
+        got = _params(model)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_dare_draws_follow_the_seed_and_not_the_expert_order() -> None:
+    model, experts = _llama_pair()
+    spec = MergeSpec(method="dare_linear", density=0.5)
+
+    def merged(order: tuple[str, ...], alpha: list[float], seed: int) -> dict[str, torch.Tensor]:
+        merger = InPlaceMerger(model, {n: experts[n] for n in order}, spec, seed=seed)
+        merger.apply(alpha)
+        out = _params(model)
+        merger.restore()
+        return out
+
+    first = merged(("code", "math", "prose"), [0.2, 0.5, 0.3], 1)
+    reordered = merged(("prose", "code", "math"), [0.3, 0.2, 0.5], 1)  # the same merge (sum in another order)
+    for n, p in reordered.items():
+        torch.testing.assert_close(p, first[n], atol=1e-6, rtol=0)
+    other = merged(("code", "math", "prose"), [0.2, 0.5, 0.3], 2)
+    assert max((other[n] - first[n]).abs().max().item() for n in first) > 1e-3
+
+
+def test_bfloat16_task_vectors_accumulate_in_float32() -> None:
+    model, experts = _llama_pair(torch.bfloat16)
+    base = {n: p.float() for n, p in _params(model).items()}
+    merger = InPlaceMerger(model, experts, "linear")
+    assert all(g.taus is not None and g.taus.dtype == torch.bfloat16 for g in merger.groups)
+    merger.apply([0.5, 0.25, 0.25])
+    for n, p in _params(model).items():
+        taus = [(experts[e][n].float() - base[n]).bfloat16().float() for e in ("code", "math", "prose")]
+        want = (base[n] + (0.5 * taus[0] + 0.25 * taus[1] + 0.25 * taus[2])).bfloat16()
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(p, want, atol=0, rtol=0)
+    wide = InPlaceMerger(model, experts, MergeSpec(task_vectors="float32"))
+    assert all(g.taus is not None and g.taus.dtype == torch.float32 for g in wide.groups)
+
+
+def test_merged_state_is_differentiable_in_alpha() -> None:
+    model, experts = _llama_pair()
+    merger = InPlaceMerger(model, experts)
+    alpha = torch.tensor([0.2, 0.5, 0.3], requires_grad=True)
+    state = merger.merged_state(alpha)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name].sum().backward()
+    assert alpha.grad is not None
+    want = [(experts[e][name] - merger.base[name]).sum() for e in ("code", "math", "prose")]
+    torch.testing.assert_close(alpha.grad, torch.stack(want), rtol=1e-4, atol=1e-4)
+    merger.apply(alpha.detach())
+    assert torch.equal(dict(model.named_parameters())[name].detach(), state[name].detach())

@@ -26,6 +26,16 @@ def test_demo_recipe_has_four_domains_and_downstream_targets() -> None:
     assert all(b.domain is None for b in recipe.evaluation.benchmarks)
 
 
+def test_ledger_recipe_scores_a_target_that_is_no_training_domain() -> None:
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "ledger.yaml")
+    assert recipe.domain_names == ["calendar", "tables", "letters"]
+    sources = {d.source for d in recipe.data.domains}
+    benches = recipe.evaluation.benchmarks
+    assert all(b.domain is None and b.path not in sources for b in benches)
+    assert sum(b.kind == "multiple_choice" for b in benches) >= 2
+    assert any(b.kind == "perplexity" for b in benches)
+
+
 def _write(tmp_path: Path, raw: dict) -> Path:
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))

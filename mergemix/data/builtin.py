@@ -23,6 +23,7 @@ a training text. Each corpus is written once as jsonl into the cache and then re
 from __future__ import annotations
 
 import ast
+import datetime
 import functools
 import hashlib
 import inspect
@@ -287,3 +288,144 @@ def _word_problems_gen() -> Records:
     """As word_problems_mc, with the number to be generated: the worked expression ends the question."""
     return [{"question": f"{story} {question}\nAnswer: {work} =", "answer": str(answer)}
             for story, question, answer, work in _problems(seed=6, n=200)]
+
+
+# ----------------------------------------------------------------- the ledger testbed (recipes/ledger.yaml)
+# Three generated domains about the same invented world, in three forms: `calendar` (date arithmetic),
+# `tables` (comma-separated inventory and people records), `letters` (plain English letters, no numbers).
+# Its targets mix the forms: `shipping_notes` are letters that report shipments with dates and a table,
+# `due_dates_mc` asks for an arrival date after a letter-like sentence, `table_rows_mc` for the row that
+# continues a table. Generated, so the testbed is the same on every Python version.
+
+_EPOCH = datetime.date(2030, 1, 1)
+_WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_WEATHER = "rain wind snow sun fog frost".split()
+_TABLES = {
+    "stock": ("town", "item", "count", "price"),
+    "people": ("person", "job", "town", "age"),
+}
+
+
+def _day(rng: random.Random) -> datetime.date:
+    return _EPOCH + datetime.timedelta(days=rng.randint(0, 3650))
+
+
+def _row(rng: random.Random, schema: str, towns: list[str], people: list[str]) -> tuple[str, ...]:
+    if schema == "stock":
+        return rng.choice(towns), rng.choice(_ITEMS), str(rng.randint(1, 90)), f"{rng.randint(1, 40) / 4:.2f}"
+    return rng.choice(people), rng.choice(_JOBS), rng.choice(towns), str(rng.randint(18, 80))
+
+
+def _table(rng: random.Random, schema: str, rows: int, towns: list[str], people: list[str]) -> list[str]:
+    return [", ".join(_TABLES[schema])] + [", ".join(_row(rng, schema, towns, people)) for _ in range(rows)]
+
+
+@BUILTINS.register("calendar")
+def _calendar() -> Records:
+    rng = random.Random(11)
+    out = []
+    for _ in range(6000):
+        lines = []
+        for _ in range(rng.randint(4, 10)):
+            d, n, kind = _day(rng), rng.randint(1, 40), rng.random()
+            later = d + datetime.timedelta(days=n)
+            if kind < 0.5:
+                lines.append(f"{d} + {n} days = {later}")
+            elif kind < 0.7:
+                lines.append(f"{later} - {n} days = {d}")
+            elif kind < 0.85:
+                lines.append(f"{d} is a {_WEEKDAYS[d.weekday()]}.")
+            else:
+                lines.append(f"From {d} to {later} is {n} days.")
+        out.append({"text": "\n".join(lines)})
+    return out
+
+
+@BUILTINS.register("tables")
+def _tables() -> Records:
+    rng = random.Random(12)
+    towns, people = _world()
+    return [{"text": "\n".join(_table(rng, rng.choice(sorted(_TABLES)), rng.randint(3, 10), towns, people))}
+            for _ in range(6000)]
+
+
+def _letter(rng: random.Random, towns: list[str], people: list[str], middle: list[str]) -> str:
+    writer, reader, town = rng.choice(people), rng.choice(people), rng.choice(towns)
+    pool = [
+        f"The {rng.choice(_WEATHER)} has not left {town} all week.",
+        f"Our {rng.choice(_JOBS)} says the {rng.choice(_PRODUCTS)} from {rng.choice(towns)} is the best he has seen.",
+        f"I hope the road to {rng.choice(towns)} is kinder to you than it was to me.",
+        f"{rng.choice(people)} sends greetings and asks after your {rng.choice(_ITEMS)}.",
+        f"The market in {town} was quiet, and the {rng.choice(_PRODUCTS)} sold slowly.",
+        f"Please tell {rng.choice(people)} that the {rng.choice(_JOBS)} in {rng.choice(towns)} wants to see him.",
+        f"We all miss you here in {town}.",
+    ]
+    rng.shuffle(pool)
+    body = " ".join(pool[: rng.randint(2, 4)])
+    return "\n\n".join([f"Dear {reader},", body, *middle, f"Yours,\n{writer}"]) + "\n"
+
+
+@BUILTINS.register("letters")
+def _letters() -> Records:
+    rng = random.Random(13)
+    towns, people = _world()
+    return [{"text": _letter(rng, towns, people, [])} for _ in range(6000)]
+
+
+def _shipment(rng: random.Random, towns: list[str], people: list[str]) -> tuple[str, datetime.date, int, str]:
+    """(sentence, departure, days on the road, item) of one shipment in the invented world."""
+    d, n, item = _day(rng), rng.randint(2, 20), rng.choice(_ITEMS)
+    src, dst = rng.sample(towns, 2)
+    return f"{rng.choice(people)} sends {item} from {src} to {dst} on {d}; the road takes {n} days.", d, n, item
+
+
+@BUILTINS.register("shipping_notes")
+def _shipping_notes() -> Records:
+    rng = random.Random(14)
+    towns, people = _world()
+    out = []
+    for _ in range(1500):
+        sentence, d, n, _ = _shipment(rng, towns, people)
+        middle = [f"{sentence} They arrive on {d + datetime.timedelta(days=n)}.",
+                  "\n".join(_table(rng, "stock", rng.randint(2, 4), towns, people))]
+        out.append({"text": _letter(rng, towns, people, middle)})
+    return out
+
+
+@BUILTINS.register("due_dates_mc")
+def _due_dates_mc() -> Records:
+    """The sum ends the question, as in `calendar`, and the options are dates only, so the score measures
+    the date arithmetic, not the shared wording."""
+    rng = random.Random(15)
+    towns, people = _world()
+    out = []
+    for _ in range(400):
+        sentence, d, n, _ = _shipment(rng, towns, people)
+        right = d + datetime.timedelta(days=n)
+        wrong = [right + datetime.timedelta(days=k) for k in rng.sample((-7, -2, -1, 1, 2, 7), 3)]
+        choices = [str(x) for x in (right, *wrong)]
+        rng.shuffle(choices)
+        out.append({"question": f"{sentence}\n{d} + {n} days =", "choices": choices,
+                    "answer": choices.index(str(right))})
+    return out
+
+
+@BUILTINS.register("table_rows_mc")
+def _table_rows_mc() -> Records:
+    """A table, then the first field of its next row: the options are the rest of that row as written and
+    with its fields in the wrong order."""
+    rng = random.Random(16)
+    towns, people = _world()
+    out = []
+    for _ in range(400):
+        schema = rng.choice(sorted(_TABLES))
+        lines = _table(rng, schema, rng.randint(2, 5), towns, people)
+        first, *rest = _row(rng, schema, towns, people)
+        orders = [list(rest), [rest[1], rest[0], rest[2]], [rest[0], rest[2], rest[1]], [rest[2], rest[1], rest[0]]]
+        choices = [", ".join(o) for o in orders]
+        if len(set(choices)) < 4:  # a row whose fields coincide cannot be told from its shuffles
+            continue
+        rng.shuffle(choices)
+        out.append({"question": "\n".join(lines) + f"\n{first},", "choices": choices,
+                    "answer": choices.index(", ".join(rest))})
+    return out

@@ -126,7 +126,7 @@ def evaluate_paths(recipe: Recipe, steps: Sequence[float] = STEPS) -> StabilityR
         experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer)
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
-    merger = InPlaceMerger(ws.model, [e.state() for e in experts], recipe.merge.method)
+    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in experts}, recipe.merge, recipe.seed)
     names = recipe.domain_names
     bar = progress(total=1 + len(names) * (len(steps) - 1), desc="evaluate checkpoints", leave=False)
     base = evaluator(ws.model)
