@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mergemix.artifacts import atomic_path, read_json, stable_hash, write_json
 from mergemix.data.prepare import DomainBlocks
+from mergemix.errors import MergemixError
 from mergemix.recipe import Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
 
@@ -66,8 +67,10 @@ def train_experts(
     base_hash: str,
     blocks: dict[str, DomainBlocks],
     run_dir: Path,
+    reuse_only: bool = False,
 ) -> list[Expert]:
-    """One expert per domain, in recipe order; unchanged experts are reused, interrupted ones resumed."""
+    """One expert per domain, in recipe order; unchanged experts are reused, interrupted ones resumed.
+    With `reuse_only` a missing or outdated expert is an error (`mergemix search` trains nothing)."""
     spec = recipe.experts
     names = recipe.domain_names
     steps = spec.num_steps(recipe.data.seq_len)
@@ -87,6 +90,9 @@ def train_experts(
                 log.info("expert %s: reusing %s", name, out)
                 experts.append(Expert(name, out, key, manifest))
                 continue
+        if reuse_only:
+            raise MergemixError(f"expert {name}: no expert for this recipe in {out}; run mergemix propose RECIPE "
+                                "first (mergemix search only searches over existing experts)")
         out.mkdir(parents=True, exist_ok=True)
         manifest_path.unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
         model = copy.deepcopy(base)
