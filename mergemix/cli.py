@@ -23,17 +23,25 @@ def _parser() -> argparse.ArgumentParser:
                         ("evaluate", "score the base and every expert on every benchmark metric"),
                         ("validate", "check a recipe and print it with every default filled in"),
                         ("experts", "train (or reuse) experts only, e.g. one domain per job; propose then reuses them"),
+                        ("search", "only the search, over the experts a propose run trained; --worker adds trials "
+                                   "to a shared study"),
                         ("report", "train real models on a few mixtures and show how well the merged proxy ranks "
                                    "them: report/index.html, report.md, consistency.json")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML file")
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted overrides, e.g. experts.steps=50 search.seeds=20 data.domains.code.max_chars=1000000")
-        if name in ("propose", "report"):
+        if name in ("propose", "report", "search"):
             s.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
         if name == "experts":
             s.add_argument("--domain", action="append", metavar="NAME",
                            help="train only this domain's expert (repeatable; default: every domain)")
+        if name == "search":
+            from mergemix.search.strategies import STRATEGIES
+
+            s.add_argument("--strategy", choices=list(STRATEGIES), help="search strategy (default: search.strategy)")
+            s.add_argument("--worker", action="store_true",
+                           help="add trials to the shared optuna study and exit, writing no proposal.json")
         if name == "evaluate":
             s.add_argument("--stability", action="store_true",
                            help="also score the path base → expert (t = 0, .25, .5, .75, 1) and print Kendall tau "
@@ -60,7 +68,12 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # KEY=VALUE overrides may also follow the flags
+    if any("=" not in e or e.startswith("-") for e in extra) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _configure_logging(args.verbose, args.quiet)
     try:
         if args.command == "ls":
@@ -109,11 +122,24 @@ def main(argv: list[str] | None = None) -> int:
                 for e in experts:
                     print(f"expert {e.domain}: {e.path}")
             return 0
-        from mergemix.pipeline import propose
+        if args.command == "search" and args.worker:
+            from mergemix.pipeline import search
 
-        proposal = propose(recipe)
-        if proposal is None:  # another process of a multi-process launch: the main one reports
+            result = search(recipe, args.strategy, worker=True)
+            assert not hasattr(result, "proposal")
+            print(f"the study holds {len(result.trials)} scored mixtures (references included); the best so far "
+                  f"scores {result.star.objective:.3f} at {json.dumps(result.star.alpha)}")
             return 0
+        if args.command == "search":
+            from mergemix.pipeline import search
+
+            proposal = search(recipe, args.strategy).proposal  # type: ignore[union-attr]
+        else:
+            from mergemix.pipeline import propose
+
+            proposal = propose(recipe)
+            if proposal is None:  # another process of a multi-process launch: the main one reports
+                return 0
         if args.json:
             print(json.dumps(proposal.model_dump(mode="json"), indent=2, sort_keys=True))
         else:

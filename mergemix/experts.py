@@ -126,9 +126,11 @@ def train_experts(
     run_dir: Path,
     tokenizer: object = None,
     domains: Sequence[str] | None = None,
+    reuse_only: bool = False,
 ) -> list[Expert]:
     """One expert per domain (only those in `domains` if given), in recipe order; unchanged experts are
-    reused, interrupted ones resumed. `tokenizer` is saved beside each expert's weights."""
+    reused, interrupted ones resumed. `tokenizer` is saved beside each expert's weights. With `reuse_only` a
+    missing or outdated expert is an error (`mergemix search` trains nothing)."""
     spec = recipe.experts
     names = recipe.domain_names
     steps = spec.num_steps(recipe.data.seq_len)
@@ -149,6 +151,9 @@ def train_experts(
             log.info("expert %s: reusing %s", name, out)
             experts.append(Expert(name, out, key, manifest))
             continue
+        if reuse_only:
+            raise MergemixError(f"expert {name}: no expert for this recipe in {out}; run mergemix propose RECIPE "
+                                "first (mergemix search only searches over existing experts)")
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / MANIFEST).unlink(missing_ok=True)  # weights and manifest must never disagree after a kill

@@ -24,7 +24,7 @@ from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, read_benchmarks
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
-from mergemix.mixture import to_mixture
+from mergemix.mixture import available_tokens, check_cap, to_mixture
 from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
 from mergemix.progress import progress
 from mergemix.proposal import Margin, Proposal, Scored, Signal
@@ -120,6 +120,8 @@ def prepare_base_and_data(ws: Workspace) -> None:
             ws.model.to("cuda")
     with ws.timings.stage("pack"), _main_process_first(r.device):
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
+    # The first moment every domain's token count is known: refuse an impossible cap before any expert.
+    check_cap(r.mixture, available_tokens(r, {n: b.n_tokens for n, b in ws.blocks.items()}))
 
 
 def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
@@ -229,15 +231,22 @@ def start(recipe: Recipe, distributed: bool = False) -> Workspace:
     return ws
 
 
-def run_proposal(ws: Workspace) -> Proposed | None:
-    """Experts → search → mixture → proposal.json, on a workspace from `start`. Under a multi-process
-    launch only the main process searches (None elsewhere): every merge and score runs on its one model."""
+def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) -> Proposed | SearchResult:
+    """Only the search, over the experts a `propose` run left in the run directory (none is trained). With
+    `worker`, add trials to the shared study and return the search result without writing proposal.json."""
+    ws = start(recipe)
+    if worker:
+        _experts(ws, train=False)
+        return _search(ws, strategy)[0]
+    proposed = run_proposal(ws, strategy, train=False)
+    assert proposed is not None  # one process: it is the main one
+    return proposed
+
+
+def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Any, Evaluator, InPlaceMerger]:
+    """Search over the workspace's experts: the trials' result, the bounds, and the evaluator and merger."""
     recipe = ws.recipe
-    assert ws.model is not None and ws.base_path is not None
-    with ws.timings.stage("experts"):
-        ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer)
-    if not is_main_process():
-        return None
+    assert ws.model is not None
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                               ws.cache_dir, ws.benchmark_data)
@@ -250,12 +259,33 @@ def run_proposal(ws: Workspace) -> Proposed | None:
 
         eval_key = evaluation_key(recipe, ws)
         prior = np.array(general_probs(ws.blocks, names))
-        result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key)
+        available = available_tokens(recipe, {n: b.n_tokens for n, b in ws.blocks.items()})
+        bounds = recipe.mixture.bounds(names, available)
+        result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds, strategy)
         merger.restore()
+    return result, bounds, evaluator, merger
+
+
+def _experts(ws: Workspace, train: bool) -> None:
+    """Train or reuse the experts (with `train` False, only reuse: a missing one is an error)."""
+    assert ws.model is not None and ws.base_path is not None
+    with ws.timings.stage("experts"):
+        ws.experts = train_experts(ws.recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer,
+                                   reuse_only=not train)
+
+
+def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True) -> Proposed | None:
+    """Experts → search → mixture → proposal.json, on a workspace from `start`. `strategy` overrides
+    search.strategy; without `train` the experts must already be in the run directory. Under a multi-process
+    launch only the main process searches (None elsewhere): every merge and score runs on its one model."""
+    recipe = ws.recipe
+    names = recipe.domain_names
+    _experts(ws, train)
+    if not is_main_process():
+        return None
+    result, bounds, evaluator, merger = _search(ws, strategy)
+    available = available_tokens(recipe, {n: b.n_tokens for n, b in ws.blocks.items()})
     with ws.timings.stage("mixture"):
-        available = {
-            d.name: d.available_tokens or ws.blocks[d.name].n_tokens for d in recipe.data.domains
-        }
         shares = to_mixture(result.star.alpha, available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
         best_expert = max(vertices, key=lambda t: t.objective)
@@ -274,9 +304,11 @@ def run_proposal(ws: Workspace) -> Proposed | None:
                 f"expert:{names[vertices.index(best_expert)]}": _scored(best_expert),
             },
             signal=_signal(result, recipe),
+            strategy=strategy or recipe.search.strategy,
             surrogate=recipe.search.surrogate,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
+            active_bounds=bounds.active(result.star.alpha),
             weights=result.objective.weights(),
             normalization=result.objective.references(),
             margins=_margins(result),

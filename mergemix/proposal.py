@@ -16,7 +16,8 @@ class Share(_Frozen):
     tokens: int
     available_tokens: int
     epochs: float
-    capped: bool
+    capped: bool  # held at the repetition cap (mixture.max_epochs)
+    bound: str | None = None  # the bound the share sits on: min_share, max_share, max_epochs, pinned
 
 
 class Scored(_Frozen):
@@ -78,9 +79,11 @@ class Proposal(_Frozen):
     proposal: Scored
     baselines: dict[str, Scored]  # base, uniform, token_prior, best_expert
     signal: list[Signal]
+    strategy: str = "surface"  # the search strategy that found alpha*
     surrogate: str
     surrogate_loo_rmse: dict[str, float]
     n_trials: int
+    active_bounds: dict[str, str] = {}  # domain → the bound it sits on at alpha*
     weights: dict[str, float] = {}  # objective weight per capability group
     # benchmark → metric, capability, and the metric values normalized to 0 and to 1
     normalization: dict[str, dict[str, str | float]] = {}
@@ -91,7 +94,7 @@ class Proposal(_Frozen):
         lines = [f"Proposed mixture for {self.name} ({self.total_tokens:,} tokens)", ""]
         lines.append(f"{'domain':<14}{'ratio':>8}{'tokens':>16}{'epochs':>9}")
         for s in self.mixture:
-            flag = "  (capped)" if s.capped else ""
+            flag = f"  ({s.bound})" if s.bound else ""
             lines.append(f"{s.domain:<14}{s.ratio:>8.3f}{s.tokens:>16,}{s.epochs:>9.2f}{flag}")
         groups = list(self.proposal.capabilities)
         widths = [max(10, len(g) + 2) for g in groups]

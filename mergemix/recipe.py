@@ -426,6 +426,19 @@ class SearchSpec(_Model):
         description="seed draws are Dirichlet(concentration x K x prior): mean = the token prior; higher = closer "
         "to it (2.0 spreads well over the simplex for K = 4)",
     )
+    strategy: str = Field(
+        "surface", description="surface (seeds, surrogates, dense search, verification) | tpe | cmaes | gp (optuna "
+        "samplers in a shared study) | grid (a regular grid, K <= 3: the reference optimum)"
+    )
+    trials: int | None = Field(
+        None, ge=1, description="mixtures a strategy may score after the references (base, vertices, uniform, token "
+        "prior), seeds included; default: the seeds plus `verify` (surface's own count)"
+    )
+    timeout_s: float | None = Field(None, gt=0, description="stop asking for new mixtures after this many seconds")
+    storage: str | None = Field(
+        None, description="optuna strategies: RDB URL of the shared study (e.g. postgresql://user@host/db); default "
+        "sqlite in the run directory. Workers (mergemix search RECIPE --worker) add trials to the same study"
+    )
     surrogate: str = Field("lightgbm", description="surrogate per capability group: lightgbm | quadratic")
     candidates: int = Field(20000, ge=10, description="simplex points scored on the surrogate")
     verify: int = Field(5, ge=0, description="top surrogate candidates verified by real merge + evaluation")
@@ -433,6 +446,10 @@ class SearchSpec(_Model):
         "best", description="alpha*: the best really evaluated point, or the mean of the top `top_k` of them"
     )
     top_k: int = Field(3, ge=1, description="points averaged when final = top_k_mean")
+    kl_weight: float = Field(
+        0.0, ge=0, description="alpha* maximizes objective - kl_weight x KL(alpha || token-proportional mix) (nats): "
+        "a pull toward the natural mix where the objective barely tells mixtures apart; 0 = none"
+    )
 
     @field_validator("surrogate")
     @classmethod
@@ -441,14 +458,50 @@ class SearchSpec(_Model):
 
         return _registered(SURROGATES, v)
 
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from mergemix.search.strategies import STRATEGIES
+
+        return _registered(STRATEGIES, v)
+
 
 class MixtureSpec(_Model):
     """How alpha* becomes a mid-training mixture."""
 
     total_tokens: int = Field(1_000_000_000, gt=0, description="mid-training token budget to divide")
     max_epochs: float | None = Field(
-        None, gt=0, description="repetition cap per domain; excess share moves to the other domains"
+        None, gt=0, description="repetition cap per domain: at most max_epochs x its available tokens, i.e. a share "
+        "of at most max_epochs x available / total_tokens, a bound the search keeps (checked once the data is read)"
     )
+    min_share: dict[str, float] = Field(
+        default_factory=dict, description="domain -> lowest share of the mixture; the search stays above it"
+    )
+    max_share: dict[str, float] = Field(
+        default_factory=dict, description="domain -> highest share of the mixture; the search stays below it"
+    )
+    pinned: dict[str, float] = Field(
+        default_factory=dict, description="domain -> fixed share (e.g. from an earlier proposal); only the other "
+        "domains' shares are searched"
+    )
+
+    @field_validator("min_share", "max_share", "pinned")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        for d, share in v.items():
+            if not 0 <= share <= 1:
+                raise ValueError(f"share of {d!r} must lie in [0, 1], got {share}")
+        return v
+
+    def bounds(self, domains: list[str], available: dict[str, int] | None = None) -> Any:
+        """The feasible set (`mergemix.search.feasible.Bounds`); with `available` (tokens per domain) the
+        repetition cap is one of its bounds."""
+        from mergemix.search.feasible import Bounds
+
+        cap = None
+        if self.max_epochs is not None and available is not None:
+            cap = {d: self.max_epochs * available[d] / self.total_tokens for d in domains}
+        return Bounds.build(domains, self.min_share, self.max_share, self.pinned, cap)
 
 
 class ReportSpec(_Model):
@@ -536,6 +589,9 @@ class Recipe(_Model):
                 f"search.seeds must be at least {len(names) + 2} (the {len(names)} vertices, uniform and the "
                 f"token prior), got {self.search.seeds}"
             )
+        if self.search.strategy == "grid" and len(names - set(self.mixture.pinned)) > 3:
+            raise ValueError(f"search.strategy grid is for at most 3 unpinned domains (its points grow as n^(K-1)), "
+                             f"got {len(names - set(self.mixture.pinned))}; choose surface, tpe, cmaes or gp")
         for b in self.evaluation.benchmarks:
             if b.domain is not None and b.domain not in names:
                 raise ValueError(f"benchmark {b.name!r} scores unknown domain {b.domain!r}")
@@ -544,6 +600,21 @@ class Recipe(_Model):
             if unknown:
                 raise ValueError(f"report.include[{i}]: unknown domain {', '.join(unknown)} (domains: "
                                  f"{', '.join(sorted(names))})")
+        for field_name in ("min_share", "max_share", "pinned"):
+            unknown = sorted(set(getattr(self.mixture, field_name)) - names)
+            if unknown:
+                raise ValueError(f"mixture.{field_name}: unknown domain {', '.join(unknown)} (domains: "
+                                 f"{', '.join(sorted(names))})")
+        m = self.mixture
+        for d, pin in m.pinned.items():
+            if pin > m.max_share.get(d, 1.0) or pin < m.min_share.get(d, 0.0):
+                side = "above its max_share" if pin > m.max_share.get(d, 1.0) else "below its min_share"
+                raise ValueError(f"mixture.pinned: {d} pinned at {pin:g} is {side}; change one of them")
+        given = {d.name: d.available_tokens for d in self.data.domains if d.available_tokens}
+        # With every domain's available_tokens given, the repetition cap is checked here too.
+        problem = self.mixture.bounds(self.domain_names, given if len(given) == len(names) else None).problem()
+        if problem:
+            raise ValueError(f"mixture: {problem}")
         if len(self.report.include) + 3 > self.report.mixtures:
             raise ValueError(f"report.mixtures ({self.report.mixtures}) must leave room for the proposal, uniform, "
                              f"token-proportional and the {len(self.report.include)} included mixtures")

@@ -17,6 +17,7 @@ from mergemix.evaluate.kinds import (
     _score_shared,
     _score_whole,
     score_requests,
+    token_nll,
 )
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
@@ -96,6 +97,18 @@ def test_perplexity_is_mean_token_loss(tiny_lm: tuple[Any, Any], tmp_path: Path)
         expected = model(input_ids=blocks, labels=blocks).loss.item()
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
     assert result["loss_se"] > 0 and result["n"] == 5
+
+
+def test_token_nll_in_chunks_equals_one_float32_pass() -> None:
+    """Perplexity scores a chunk of positions at a time (no float32 copy of a whole batch's logits); the
+    chunk size, even one that does not divide the positions, changes nothing but rounding."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=gen).to(torch.bfloat16)
+    targets = torch.randint(0, 11, (3, 7), generator=gen)
+    whole = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), targets.reshape(-1),
+                                              reduction="none").view(3, 7)
+    for chunk in (1, 4, 5, 21, 100):
+        torch.testing.assert_close(token_nll(logits, targets, chunk=chunk), whole, rtol=0, atol=1e-6)
 
 
 def test_objective_normalizes_by_the_spread_of_base_and_experts() -> None:

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
+from mergemix import load_recipe, propose
+from mergemix.artifacts import read_jsonl
 from mergemix.errors import MergemixError
-from mergemix.mixture import to_mixture
+from mergemix.mixture import check_cap, to_mixture
 from mergemix.recipe import MixtureSpec
+from mergemix.search import run_search
 from mergemix.search.seeds import seed_points, simplex_candidates
 from mergemix.search.surrogate import SURROGATES, loo_rmse
 
@@ -52,13 +58,78 @@ def test_mixture_ratios_tokens_epochs() -> None:
     assert not any(s.capped for s in shares)
 
 
-def test_repetition_cap_moves_share_to_the_others() -> None:
-    shares = to_mixture({"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 100, "b": 1000, "c": 50},
-                        MixtureSpec(total_tokens=1000, max_epochs=2))
+def test_repetition_cap_is_a_bound_and_an_impossible_cap_is_refused() -> None:
+    spec = MixtureSpec(total_tokens=1000, max_epochs=2)
+    available = {"a": 100, "b": 1000, "c": 50}
+    shares = to_mixture({"a": 0.2, "b": 0.7, "c": 0.1}, available, spec)
     by = {s.domain: s for s in shares}
-    assert by["a"].tokens == 200 and by["a"].capped
-    assert by["c"].tokens == 100 and by["c"].capped
-    assert by["b"].tokens == 700 and not by["b"].capped
-    assert sum(s.ratio for s in shares) == pytest.approx(1.0)
-    with pytest.raises(MergemixError, match="raise the cap or lower the budget"):
-        to_mixture({"a": 0.5, "b": 0.5}, {"a": 10, "b": 10}, MixtureSpec(total_tokens=1000, max_epochs=2))
+    assert by["a"].capped and by["a"].bound == "max_epochs" and by["c"].capped and not by["b"].capped
+    assert [s.ratio for s in shares] == [0.2, 0.7, 0.1]
+    with pytest.raises(MergemixError, match="outside the recipe's bounds"):
+        to_mixture({"a": 0.5, "b": 0.3, "c": 0.2}, available, spec)
+    with pytest.raises(MergemixError, match="raise mixture.max_epochs to at least 50 or lower"):
+        check_cap(MixtureSpec(total_tokens=1000, max_epochs=2), {"a": 10, "b": 10})
+
+
+@pytest.mark.slow
+def test_a_constrained_search_proposes_the_verified_feasible_point(micro_recipe_file: Path) -> None:
+    raw = yaml.safe_load(micro_recipe_file.read_text())
+    # caps (max_epochs 1): math 0.5, prose 0.5, code 0.6 of the 100k budget; with math <= 0.2 and prose pinned
+    # at 0.3 the feasible set is math in [0.1, 0.2], code = 0.7 - math
+    for d, tokens in zip(raw["data"]["domains"], (50_000, 50_000, 60_000), strict=True):
+        d["available_tokens"] = tokens
+    raw["mixture"].update(max_epochs=1, max_share={"math": 0.2}, pinned={"prose": 0.3})
+    micro_recipe_file.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(micro_recipe_file)
+    proposal = propose(recipe)
+    a = proposal.alpha_star
+    assert a["prose"] == pytest.approx(0.3) and 0.1 - 1e-6 <= a["math"] <= 0.2 + 1e-6
+    assert a["code"] <= 0.6 + 1e-6 and sum(a.values()) == pytest.approx(1.0, abs=1e-5)
+    assert {s.domain: s.ratio for s in proposal.mixture} == a  # ratios are alpha*, nothing moved afterwards
+    assert all(s.epochs <= 1 + 1e-4 for s in proposal.mixture)
+    assert proposal.active_bounds["prose"] == "pinned"
+    assert set(proposal.active_bounds) >= {"prose"} and len(proposal.active_bounds) >= 2  # math or code on a bound
+    # alpha* is a trial that was really merged and scored, and the proposal's score is that trial's
+    trials = read_jsonl(recipe.resolved_run_dir() / "trials.jsonl")
+    star = [t for t in trials if t["alpha"] == a]
+    assert len(star) == 1 and star[0]["objective"] == pytest.approx(proposal.proposal.objective, abs=1e-6)
+    # every trial the search chose (all but the references: base, vertices, uniform, token prior) is feasible
+    for t in trials:
+        if t["kind"] not in ("base", "vertex", "uniform", "token_prior"):
+            x = t["alpha"]
+            assert x["prose"] == pytest.approx(0.3) and x["math"] <= 0.2 + 1e-6 and x["code"] <= 0.6 + 1e-6, t
+
+
+def _analytic(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Scores of a known surface (the optimum of each term at an interior point): the search driver and
+    strategies are what is tested here, so the merge + evaluation is replaced by the formula."""
+    a = np.array([alpha["math"], alpha["prose"], alpha["code"]])
+    if not a.any():
+        return {"target": {"loss": 4.0}, "math_heldout": {"loss": 4.0}, "sums": {"score": -1.0}}
+    return {"target": {"loss": 3.0 - a[2] + 1.5 * (a[2] - 0.5) ** 2},
+            "math_heldout": {"loss": 3.0 - a[0] + 1.5 * (a[0] - 0.3) ** 2},
+            "sums": {"score": -0.5 + a[0] - a[0] ** 2}}
+
+
+@pytest.mark.parametrize("strategy", ["surface", "tpe", "cmaes", "gp", "grid"])
+def test_every_strategy_stays_feasible_and_nears_the_optimum(strategy: str, micro_recipe_file: Path,
+                                                             tmp_path: Path) -> None:
+    recipe = load_recipe(micro_recipe_file, ["mixture.max_share={math: 0.35}", "mixture.pinned={prose: 0.2}",
+                                             "search.trials=20", "search.candidates=2000"])
+    bounds = recipe.mixture.bounds(recipe.domain_names)
+    prior = np.array([0.2, 0.5, 0.3])
+    calls: list[dict[str, float]] = []
+
+    def evaluate(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
+        calls.append(alpha)
+        return _analytic(alpha)
+
+    res = run_search(recipe, evaluate, prior, tmp_path / "trials.jsonl", "k", bounds, strategy)
+    star = res.star.alpha
+    assert bounds.contains(np.array(list(star.values()))) and star["prose"] == pytest.approx(0.2)
+    assert len({tuple(sorted(c.items())) for c in calls}) == len(calls)  # no alpha evaluated twice
+    assert len(calls) <= 1 + 5 + 20 + 1
+    # the best feasible point of this surface, by brute force on a fine grid of math (code = 0.8 - math)
+    grid = [{"math": m, "prose": 0.2, "code": 0.8 - m} for m in np.linspace(0, 0.35, 351)]
+    best = max(res.objective(_analytic(g))[2] for g in grid)
+    assert res.star.objective <= best + 1e-9 and res.star.objective > best - 0.05

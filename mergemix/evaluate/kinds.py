@@ -122,11 +122,24 @@ class Perplexity(Benchmark):
         losses = []
         for i in range(0, len(self.blocks), self.ctx.batch_size):
             batch = self.blocks[i : i + self.ctx.batch_size].to(dev)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-            losses.append(nll.view(len(batch), -1).mean(dim=1).cpu())
+            logits = model(input_ids=batch).logits[:, :-1]
+            losses.append(token_nll(logits, batch[:, 1:]).mean(dim=1).cpu())
         mean, se = mean_se(torch.cat(losses))
         return {"loss": mean, "loss_se": se, "n": float(len(self.blocks))}
+
+
+LOGIT_CHUNK = 4096  # positions per float32 log-softmax: 4096 x a 128k vocabulary is 2 GiB
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """Negative log-likelihood (nats) of `targets` (rows x positions) under `logits` (rows x positions x vocab,
+    in the model's dtype), in float32 a chunk of positions at a time: the float32 copy of a whole batch's
+    full-vocabulary logits (rows x positions x vocab x 4 bytes) is never built."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    target = targets.reshape(-1)
+    nll = [F.cross_entropy(flat[i : i + chunk].float(), target[i : i + chunk], reduction="none")
+           for i in range(0, len(flat), chunk)]
+    return torch.cat(nll).view(targets.shape)
 
 
 class MCRecord(NamedTuple):

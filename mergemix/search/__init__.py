@@ -1,12 +1,17 @@
-"""Performance surface mapping: seeds → real merges → surrogates → dense simplex search → verification.
+"""The search driver: references → a strategy's ask/tell loop (mergemix.search.strategies) → α*.
 
-Every evaluated α goes to `trials.jsonl` as soon as it is scored; a rerun with the same experts and
-benchmarks takes finished trials from the log instead of evaluating them again.
+The base, the vertices, uniform and the token prior are scored first (they fix the normalization and are the
+baselines); then the strategy asks for feasible mixtures until it is done or the budget (search.trials,
+search.timeout_s) is spent. Every evaluated α goes to `trials.jsonl` as soon as it is scored; a rerun with
+the same experts and benchmarks takes finished trials from the log (or the shared study) instead of
+evaluating them again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +20,14 @@ from typing import Any
 import numpy as np
 
 from mergemix.artifacts import stable_hash
+from mergemix.errors import MergemixError
 from mergemix.evaluate import Objective
 from mergemix.progress import progress
 from mergemix.recipe import Recipe
-from mergemix.search.seeds import seed_points, simplex_candidates
-from mergemix.search.surrogate import SURROGATES, loo_rmse
-from mergemix.search.trials import TrialLog
+from mergemix.search.feasible import Bounds
+from mergemix.search.seeds import seed_points
+from mergemix.search.strategies import STRATEGIES, Context, as_alpha
+from mergemix.search.trials import TrialLog, alpha_key
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +67,20 @@ class SearchResult:
         return next(t for t in self.trials if t.kind == kind)
 
 
-def _as_alpha(domains: list[str], vec: np.ndarray) -> dict[str, float]:
-    vec = np.clip(vec, 0.0, None)
-    vec = vec / vec.sum() if vec.sum() > 0 else vec
-    return {d: round(float(a), 6) for d, a in zip(domains, vec, strict=True)}
+def kl_divergence(alpha: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """KL(α ‖ prior) in nats per row of `alpha` (0 · log 0 = 0)."""
+    alpha = np.atleast_2d(alpha)
+    safe = np.where(alpha > 0, alpha, 1.0)
+    return np.sum(np.where(alpha > 0, alpha * np.log(safe / prior), 0.0), axis=1)
+
+
+def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds) -> str:
+    """The shared study of one search: same experts, benchmarks, objective, bounds, seed and strategy (a
+    larger search.trials or timeout_s continues the same study)."""
+    key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials"}),
+                       bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed])
+    return f"{recipe.name}-{strategy}-{key[:12]}"
 
 
 def run_search(
@@ -72,17 +89,32 @@ def run_search(
     prior: np.ndarray,
     log_path: Path,
     eval_key: str,
+    bounds: Bounds | None = None,
+    strategy: str | None = None,
 ) -> SearchResult:
-    """Search the simplex for the α maximizing the objective. `evaluate_alpha` merges and scores one α
-    (all zeros: the base itself)."""
+    """Search the feasible set (`bounds`, default the whole simplex) with `strategy` (default
+    search.strategy) for the α maximizing the objective minus search.kl_weight × KL(α ‖ token prior).
+    `evaluate_alpha` merges and scores one α (all zeros: the base itself). The references are always scored
+    but α* is chosen among feasible points only."""
     spec = recipe.search
     domains = recipe.domain_names
+    k = len(domains)
+    bounds = bounds or recipe.mixture.bounds(domains)
+    name = strategy or spec.strategy
+    cls = STRATEGIES.get(name)
     trial_log = TrialLog(log_path, eval_key)
     # Derived scores depend on the objective's definition too: a trial scored under another one is re-used
     # (no merge, no evaluation) and logged again with its scores recomputed.
     objective_key = stable_hash([recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
                                  Objective.VERSION])
-    pending: list[Trial] = []
+
+    def penalty(points: np.ndarray) -> np.ndarray:
+        points = np.atleast_2d(points)
+        return spec.kl_weight * kl_divergence(points, prior) if spec.kl_weight else np.zeros(len(points))
+
+    def score(t: Trial) -> float:
+        """What α* maximizes: the objective, less the KL penalty toward the token prior."""
+        return t.objective - float(penalty(t.vector(domains))[0])
 
     def run(tid: str, kind: str, alpha: dict[str, float]) -> Trial:
         rec = trial_log.get(alpha)
@@ -98,63 +130,93 @@ def run_search(
         return trial
 
     seeds = seed_points(prior, spec.seeds, spec.concentration, recipe.seed)
-    bar = progress(total=len(seeds) + 1 + spec.verify, desc="merge + evaluate", leave=False)
+    references = [("base", "base", {d: 0.0 for d in domains})]
+    references += [(f"seed-{i:03d}", kind, as_alpha(domains, vec)) for i, (kind, vec) in enumerate(seeds[: k + 2])]
+    rest = seeds[k + 2:]
+    if not bounds.unconstrained:
+        # The references stay (normalization, baselines); every other seed is moved into the feasible set,
+        # led by the feasible points nearest uniform and the token prior.
+        extra = [("uniform_feasible", np.full(k, 1.0 / k)), ("token_prior_feasible", prior)]
+        rest = [(kind, bounds.project(vec)[0]) for kind, vec in extra + rest][: max(spec.seeds - k - 2, 2)]
+    budget = spec.trials or len(rest) + spec.verify
+    storage = ""
+    if cls.shared:
+        from mergemix.search.study import storage_url
+
+        storage = storage_url(spec.storage, log_path.parent)
+    bar = progress(total=len(references) + budget, desc=f"merge + evaluate ({name})", leave=False)
     # The base and the vertices come first: they fix the normalization of every other score.
-    base = run("base", "base", {d: 0.0 for d in domains})
-    bar.update()
-    k = len(domains)
-    for i, (kind, vec) in enumerate(seeds[:k]):
-        pending.append(run(f"seed-{i:03d}", kind, _as_alpha(domains, vec)))
-        bar.update()
-    objective = Objective.from_references(recipe.evaluation, base.raw, [t.raw for t in pending])
+    if cls.shared:
+        scored = _shared_references(storage, study_name(recipe, name, eval_key, bounds), references, run, bar)
+    else:
+        scored = []
+        for ref in references:
+            scored.append(run(*ref))
+            bar.update()
+    base, refs = scored[0], scored[1:]
+    objective = Objective.from_references(recipe.evaluation, base.raw, [t.raw for t in refs[:k]])
     finish(base, objective)
-    trials = [finish(t, objective) for t in pending]
-    for i, (kind, vec) in enumerate(seeds[k:], start=k):
-        trials.append(finish(run(f"seed-{i:03d}", kind, _as_alpha(domains, vec)), objective))
-        bar.update()
-        bar.set_postfix(best=f"{max(t.objective for t in trials):.3f}")
+    trials = [finish(t, objective) for t in refs]
 
-    # One surrogate per capability group, on every simplex point evaluated so far.
-    groups = list(trials[0].capabilities)
-    x = np.stack([t.vector(domains) for t in trials])
-    fit = SURROGATES.get(spec.surrogate)
-    predictors, loo = {}, {}
-    for g in groups:
-        y = np.array([t.capabilities[g] for t in trials])
-        predictors[g] = fit(x, y, recipe.seed)
-        loo[g] = loo_rmse(fit, x, y, recipe.seed)  # the recipe guarantees at least K + 2 >= 4 points
-    log.info("surrogate (%s) leave-one-out RMSE: %s", spec.surrogate, ", ".join(f"{g} {v:.3f}" for g, v in loo.items()))
-
-    def predict(points: np.ndarray) -> np.ndarray:
-        preds = {g: predictors[g](points) for g in groups}
-        return np.array([objective.combine({g: preds[g][i] for g in groups}) for i in range(len(points))])
-
-    cand = simplex_candidates(prior, spec.candidates, spec.concentration, recipe.seed)
-    pred = predict(cand)
-    # The best predicted points, at least 0.05 apart (L1) from each other and from every seed.
-    chosen: list[np.ndarray] = []
-    for idx in np.argsort(-pred, kind="stable"):
-        if len(chosen) >= spec.verify:
-            break
-        point = cand[idx]
-        if all(np.abs(point - c).sum() > 0.05 for c in [*chosen, *x]):
-            chosen.append(point)
-    for j, point in enumerate(chosen):
-        t = run(f"verify-{j}", "verify", _as_alpha(domains, point))
-        t.predicted = float(predict(point[None])[0])
+    ctx = Context(recipe, bounds, prior, objective, list(trials), rest, penalty, budget, storage,
+                  study_name(recipe, name, eval_key, bounds), domains)
+    strat = cls(ctx)
+    seen = {alpha_key(t.alpha) for t in trials}
+    deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else math.inf
+    while time.monotonic() < deadline and (ask := strat.ask()) is not None:
+        tid, kind, alpha = ask
+        if not cls.shared and alpha_key(alpha) in seen:  # a projection that landed on a point already scored
+            continue
+        t = run(tid, kind, alpha)
+        predicted = strat.predict(t.vector(domains))
+        if predicted is not None:
+            t.predicted = predicted
+        t.normalized, t.capabilities, t.objective = objective(t.raw)
+        strat.tell(t)  # the shared study first: a kill between the two leaves the trial where workers see it
         trials.append(finish(t, objective))
+        seen.add(alpha_key(alpha))
         bar.update()
+        bar.set_postfix(best=f"{max(score(t) for t in trials):.3f}")
+    if cls.shared:  # the union of every worker's trials
+        own = {alpha_key(t.alpha): t for t in trials}
+        trials = list(refs) + [own.get(alpha_key(r["alpha"])) or finish(Trial(r["tid"], r["kind"], r["alpha"], r["raw"]),
+                                                                          objective)
+                               for r in strat.history()]
     bar.close()
 
-    ranked = sorted(trials, key=lambda t: -t.objective)
+    ranked = sorted((t for t in trials if bounds.contains(t.vector(domains))), key=lambda t: -score(t))
+    if not ranked:
+        raise MergemixError("search: no feasible trial finished within search.timeout_s; raise it")
     if spec.final == "best":
         star = ranked[0]
     else:
         mean = np.mean([t.vector(domains) for t in ranked[: spec.top_k]], axis=0)
-        alpha = _as_alpha(domains, mean)
+        alpha = as_alpha(domains, mean)
         existing = next((t for t in trials if t.alpha == alpha), None)
         star = existing or finish(run("top-k-mean", "top_k_mean", alpha), objective)
         if existing is None:
             trials.append(star)
-    predicted_star = float(predict(star.vector(domains)[None])[0])
-    return SearchResult(base, trials, objective, star, loo, predicted_star)
+    return SearchResult(base, trials, objective, star, strat.loo, strat.predict(star.vector(domains)))
+
+
+def _shared_references(storage: str, name: str, references: list[tuple[str, str, dict[str, float]]],
+                       run: Callable[[str, str, dict[str, float]], Trial], bar: Any) -> list[Trial]:
+    """The references scored once for all workers of a shared study: each worker scores the ones still
+    queued, then waits for the others' (their raw scores are in the study)."""
+    from mergemix.search.study import Shared
+
+    study = Shared(storage, f"{name}/references", None, 0, [({}, {"alpha": a, "kind": kind, "tid": tid})
+                                                            for tid, kind, a in references])
+    while True:
+        item = study.pop(None)
+        if item is not None:
+            trial, rec = item
+            t = run(rec["tid"], rec["kind"], rec["alpha"])
+            study.finish(trial, t.raw, 0.0)
+            bar.update()
+            continue
+        done = {r["tid"]: r for r in study.complete()}
+        if len(done) >= len(references):
+            return [Trial(tid, kind, a, done[tid]["raw"]) for tid, kind, a in references]
+        study.recover()
+        time.sleep(0.5)

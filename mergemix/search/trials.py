@@ -23,12 +23,25 @@ class TrialLog:
         self.path = path
         self.eval_key = eval_key
         self._by_alpha: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
-        for rec in read_jsonl(path):
-            if rec.get("eval_key") == eval_key:
+        self._size = -1
+        self._read()
+
+    def _read(self) -> None:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size == self._size:
+            return
+        self._size = size
+        for rec in read_jsonl(self.path):
+            if rec.get("eval_key") == self.eval_key:
                 self._by_alpha[alpha_key(rec["alpha"])] = rec
 
     def get(self, alpha: Mapping[str, float]) -> dict[str, Any] | None:
-        return self._by_alpha.get(alpha_key(alpha))
+        """The last record of `alpha`; the file is read again when it grew (another worker of a shared
+        search appends to it too)."""
+        key = alpha_key(alpha)
+        if key not in self._by_alpha:
+            self._read()
+        return self._by_alpha.get(key)
 
     def add(self, record: dict[str, Any]) -> None:
         record = {**record, "eval_key": self.eval_key}
