@@ -23,7 +23,6 @@ import numpy as np
 from mergemix.evaluate import Evaluator
 from mergemix.experts import general_probs, train_experts
 from mergemix.merge import InPlaceMerger
-from mergemix.mixture import available_tokens
 from mergemix.pipeline import evaluation_key, start
 from mergemix.recipe import load_recipe
 from mergemix.search import run_search
@@ -50,14 +49,13 @@ def main() -> None:
     names = recipe.domain_names
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
-    merger = InPlaceMerger(ws.model, [e.state() for e in ws.experts], recipe.merge.method)
+    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed)
 
     def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
         merger.apply([alpha[d] for d in names])
         return evaluator(ws.model)
 
     prior = np.array(general_probs(ws.blocks, names))
-    available = available_tokens(recipe, {n: b.n_tokens for n, b in ws.blocks.items()})
     eval_key = evaluation_key(recipe, ws)
     out = ws.run_dir / "search_strategies"
     shutil.rmtree(out, ignore_errors=True)  # fresh logs and studies: every strategy pays for its merges
@@ -69,7 +67,7 @@ def main() -> None:
                   [*args.strategies, "grid"])]
     rows = []
     for label, r, strategies in scenarios:
-        bounds = r.mixture.bounds(names, available)
+        bounds = r.mixture.bounds(names, ws.available)
         results = {}
         for s in strategies:
             rs = load_recipe(args.recipe, [*overrides, f"search.trials={args.grid}"]) if s == "grid" else r

@@ -30,6 +30,7 @@ from mergemix.progress import progress
 from mergemix.proposal import Margin, Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial, run_search
+from mergemix.search.feasible import Bounds
 from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Workspace:
     model: torch.nn.Module | None = None
     tokenizer: object = None
     blocks: dict[str, DomainBlocks] = field(default_factory=dict)
+    available: dict[str, int] = field(default_factory=dict)  # tokens the team has per domain (mixture bounds)
     experts: list[Expert] = field(default_factory=list)
     benchmark_data: dict[str, Any] = field(default_factory=dict)
 
@@ -120,8 +122,9 @@ def prepare_base_and_data(ws: Workspace) -> None:
             ws.model.to("cuda")
     with ws.timings.stage("pack"), _main_process_first(r.device):
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
+    ws.available = available_tokens(r, {n: b.n_tokens for n, b in ws.blocks.items()})
     # The first moment every domain's token count is known: refuse an impossible cap before any expert.
-    check_cap(r.mixture, available_tokens(r, {n: b.n_tokens for n, b in ws.blocks.items()}))
+    check_cap(r.mixture, ws.available)
 
 
 def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
@@ -213,9 +216,8 @@ def train_experts_only(recipe: Recipe, domains: Sequence[str] | None = None) -> 
         raise MergemixError(f"--domain: no domain {unknown[0]!r} in the recipe (domains: "
                             f"{', '.join(recipe.domain_names)})")
     ws = start(recipe, distributed=True)
-    with ws.timings.stage("experts"):
-        return train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer,
-                             domains=domains)
+    _experts(ws, train=True, domains=domains)
+    return ws.experts
 
 
 def start(recipe: Recipe, distributed: bool = False) -> Workspace:
@@ -243,7 +245,7 @@ def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) ->
     return proposed
 
 
-def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Any, Evaluator, InPlaceMerger]:
+def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, Evaluator, InPlaceMerger]:
     """Search over the workspace's experts: the trials' result, the bounds, and the evaluator and merger."""
     recipe = ws.recipe
     assert ws.model is not None
@@ -259,19 +261,19 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Any, Eva
 
         eval_key = evaluation_key(recipe, ws)
         prior = np.array(general_probs(ws.blocks, names))
-        available = available_tokens(recipe, {n: b.n_tokens for n, b in ws.blocks.items()})
-        bounds = recipe.mixture.bounds(names, available)
+        bounds = recipe.mixture.bounds(names, ws.available)
         result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds, strategy)
         merger.restore()
     return result, bounds, evaluator, merger
 
 
-def _experts(ws: Workspace, train: bool) -> None:
-    """Train or reuse the experts (with `train` False, only reuse: a missing one is an error)."""
+def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:
+    """Train or reuse the experts of `domains` (default: all; with `train` False, only reuse: a missing one
+    is an error)."""
     assert ws.model is not None and ws.base_path is not None
     with ws.timings.stage("experts"):
         ws.experts = train_experts(ws.recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer,
-                                   reuse_only=not train)
+                                   domains=domains, reuse_only=not train)
 
 
 def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True) -> Proposed | None:
@@ -284,9 +286,8 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
     if not is_main_process():
         return None
     result, bounds, evaluator, merger = _search(ws, strategy)
-    available = available_tokens(recipe, {n: b.n_tokens for n, b in ws.blocks.items()})
     with ws.timings.stage("mixture"):
-        shares = to_mixture(result.star.alpha, available, recipe.mixture)
+        shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
         best_expert = max(vertices, key=lambda t: t.objective)
         proposal = Proposal(
