@@ -152,8 +152,8 @@ def train_experts(
             experts.append(Expert(name, out, key, manifest))
             continue
         if reuse_only:
-            raise MergemixError(f"expert {name}: no expert for this recipe in {out}; run mergemix propose RECIPE "
-                                "first (mergemix search only searches over existing experts)")
+            raise MergemixError(f"expert {name}: no current expert for this recipe in {out}; run mergemix propose "
+                                "RECIPE first (this command trains no expert)")
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / MANIFEST).unlink(missing_ok=True)  # weights and manifest must never disagree after a kill

@@ -102,7 +102,7 @@ def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, str], alpha:
 def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | Path | None = None) -> Exported:
     """Merge the run's experts at α and write `out` (default RUN/export/LABEL-HASH): the model and
     tokenizer as a Hugging Face directory, `alpha.json` and `mergekit.yaml`."""
-    from mergemix.experts import LORA, MANIFEST, Expert, expert_key
+    from mergemix.experts import LORA, train_experts
     from mergemix.merge.inplace import InPlaceMerger
     from mergemix.pipeline import start
 
@@ -110,18 +110,10 @@ def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | P
     alpha = parse_alpha(alpha_text, recipe)
     ws = start(recipe)
     assert ws.model is not None and ws.base_path is not None
-    dirs: dict[str, Path] = {}
-    experts: dict[str, Expert] = {}
-    keys = []
-    for d in recipe.domain_names:
-        folder = (ws.run_dir / "experts" / d).resolve()
-        key = expert_key(recipe, ws.base_hash, ws.blocks, d)
-        manifest = folder / MANIFEST
-        if not manifest.exists() or read_json(manifest).get("key") != key:
-            raise MergemixError(f"expert {d}: no current expert in {folder}; run mergemix propose first")
-        experts[d] = Expert(d, folder, key, read_json(manifest))
-        dirs[d] = folder
-        keys.append(key)
+    experts = {e.domain: e for e in train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir,
+                                                  reuse_only=True)}
+    dirs = {d: e.path.resolve() for d, e in experts.items()}
+    keys = [e.key for e in experts.values()]
     label = alpha_text if alpha_text in ("proposal", "best") else "alpha"
     target = Path(out) if out else ws.run_dir / "export" / (
         f"{label}-{stable_hash([keys, recipe.merge.key(), alpha], 8)}")
