@@ -151,6 +151,24 @@ def test_a_killed_hierarchical_search_resumes_every_stage(micro_data: dict[str, 
     assert again.calls == []
 
 
+@pytest.mark.parametrize("max_share", [{}, {"math": 0.2, "code": 0.3}])
+def test_with_the_groups_shares_pinned_only_the_inside_is_searched(max_share: dict, micro_data: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    """Pins leave stage 1 nothing to search: stage 2 starts from them (or, where the bounds leave the group one
+    mixture too, the flat search runs)."""
+    recipe = recipe_from_dict(_raw(micro_data, tmp_path, groups={"numbers": ["math", "code"]}, max_share=max_share,
+                                   pinned={"prose": 0.3, "facts": 0.2}) | {"search": {"seeds": 8, "trials": 8}})
+    log = tmp_path / "trials.jsonl"
+    star = _search(recipe, log, Counted()).star.alpha
+    assert star["prose"] == 0.3 and star["facts"] == 0.2 and star["math"] + star["code"] == pytest.approx(0.5)
+    searched = [r for r in read_jsonl(log) if r["kind"] not in ("base", "vertex", "uniform", "token_prior")]
+    assert searched and all(r["alpha"]["prose"] == 0.3 and r["alpha"]["facts"] == 0.2 for r in searched)
+    if max_share:
+        assert star == {"math": 0.2, "prose": 0.3, "code": 0.3, "facts": 0.2}
+    else:
+        assert all(r["kind"].startswith("numbers:") for r in searched)
+
+
 def test_a_shared_hierarchical_study_resumes_every_stage(micro_data: dict[str, Any], tmp_path: Path) -> None:
     """tpe keeps each stage's trials in its own optuna study (study.db beside the log): a rerun finds every
     stage's study full, scores nothing and proposes the same alpha*."""
