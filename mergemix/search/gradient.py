@@ -23,7 +23,7 @@ best verified point. With search.timeout_s the descent stops at half of it, to l
 
 Memory, on top of the merger's K task vectors (4 K bytes per parameter in fp32): the merged parameters and
 their gradients (8 bytes per parameter, plus a cast copy for a model below fp32), one group's K-row product in
-merge_state's weighted sum (merge.memory_mb bounds the groups), and the activations of one step kept for
+merged_state's weighted sum (merge.memory_mb bounds the groups), and the activations of one step kept for
 backward: gradient_batch × seq_len tokens per benchmark (for Llama-3.2-1B ~4 MiB per token in fp32, see
 FIELD_NOTES). When that does not fit, lower search.gradient_batch.
 """
@@ -74,8 +74,8 @@ class Gradient(_Queue):
             self.descended = True
             path = self._descend()
             # the budget keeps the end of the path (the start point is often a reference, scored already)
-            self.queue = [(f"gradient-{i:03d}", "gradient", as_alpha(self.ctx.domains, p))
-                          for i, p in enumerate(path)][-self.ctx.budget:]
+            asks = [(f"gradient-{i:03d}", "gradient", as_alpha(self.ctx.domains, p)) for i, p in enumerate(path)]
+            self.queue = asks[max(len(asks) - self.ctx.budget, 0):]
         return super().ask()
 
     def _start(self) -> np.ndarray:
@@ -111,16 +111,9 @@ class Gradient(_Queue):
         bar = progress(total=steps, desc="gradient descent", leave=False)
         try:
             for step in range(1, steps + 1):
-                alpha = project(torch.softmax(z, dim=0), ctx.bounds)
-                value = estimate(alpha, spec.gradient_batch, generator)
-                if spec.kl_weight:
-                    value = value - spec.kl_weight * (torch.special.xlogy(alpha, alpha) - alpha * prior.log()).sum()
-                opt.zero_grad()
-                (-value).backward()
-                opt.step()
+                value = self._step(z, opt, prior, generator)
                 bar.update()
-                bar.set_postfix(estimate=f"{value.item():.3f}")
-                log.debug("gradient step %d: estimate %.4f at %s", step, value.item(), alpha.detach().numpy().round(3))
+                bar.set_postfix(estimate=f"{value:.3f}")
                 late = spec.timeout_s is not None and time.monotonic() - began > spec.timeout_s / 2
                 if step in marks or late:
                     with torch.no_grad():
@@ -133,3 +126,19 @@ class Gradient(_Queue):
             model.train(was_training)
         log.info("gradient: %d steps from %s to %s", steps, np.round(start, 3), np.round(path[-1], 3))
         return path
+
+    @torch.enable_grad()
+    def _step(self, z: torch.Tensor, opt: torch.optim.Optimizer, prior: torch.Tensor,
+              generator: torch.Generator) -> float:
+        """One Adam step on the logits `z`; returns the estimate (less the KL penalty) before it."""
+        spec = self.ctx.recipe.search
+        assert self.ctx.differentiable is not None
+        alpha = project(torch.softmax(z, dim=0), self.ctx.bounds)
+        value = self.ctx.differentiable(alpha, spec.gradient_batch, generator)
+        if spec.kl_weight:
+            value = value - spec.kl_weight * (torch.special.xlogy(alpha, alpha) - alpha * prior.log()).sum()
+        opt.zero_grad()
+        (-value).backward()
+        opt.step()
+        log.debug("gradient: estimate %.4f at %s", value.item(), alpha.detach().numpy().round(3))
+        return value.item()
