@@ -22,6 +22,7 @@ from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, read_benchmarks
+from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import available_tokens, check_cap, to_mixture
@@ -262,7 +263,8 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, 
         eval_key = evaluation_key(recipe, ws)
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
-        result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds, strategy)
+        result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds, strategy,
+                            GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state))
         merger.restore()
     return result, bounds, evaluator, merger
 

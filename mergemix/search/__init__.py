@@ -22,6 +22,7 @@ import numpy as np
 from mergemix.artifacts import stable_hash
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Objective
+from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.progress import progress
 from mergemix.recipe import Recipe
 from mergemix.search.feasible import Bounds
@@ -77,8 +78,11 @@ def kl_divergence(alpha: np.ndarray, prior: np.ndarray) -> np.ndarray:
 def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds) -> str:
     """The shared study of one search: same experts, benchmarks, objective, bounds, seed and strategy (a
     larger search.trials or timeout_s continues the same study)."""
+    # the gradient strategy's own fields (search.gradient_*) are no part of an optuna study
+    own = {f for f in type(recipe.search).model_fields if f.startswith("gradient_")}
     key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
-                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials"}),
+                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
+                                                                      *own}),
                        bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed])
     return f"{recipe.name}-{strategy}-{key[:12]}"
 
@@ -91,11 +95,13 @@ def run_search(
     eval_key: str,
     bounds: Bounds | None = None,
     strategy: str | None = None,
+    differentiable: GradientObjective | None = None,
 ) -> SearchResult:
     """Search the feasible set (`bounds`, default the whole simplex) with `strategy` (default
     search.strategy) for the α maximizing the objective minus search.kl_weight × KL(α ‖ token prior).
     `evaluate_alpha` merges and scores one α (all zeros: the base itself). The references are always scored
-    but α* is chosen among feasible points only."""
+    but α* is chosen among feasible points only. `differentiable` estimates the objective differentiably in α
+    on the merged model (strategy gradient only)."""
     spec = recipe.search
     domains = recipe.domain_names
     k = len(domains)
@@ -159,7 +165,7 @@ def run_search(
     trials = [finish(t, objective) for t in refs]
 
     ctx = Context(recipe, bounds, prior, objective, list(trials), rest, penalty, budget, storage,
-                  study_name(recipe, name, eval_key, bounds), domains)
+                  study_name(recipe, name, eval_key, bounds), domains, differentiable)
     strat = cls(ctx)
     seen = {alpha_key(t.alpha) for t in trials}
     deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else math.inf

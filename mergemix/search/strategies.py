@@ -7,6 +7,8 @@ and the same feasible seed points, asks for mixtures inside the feasible set, an
   search of the feasible set on the surrogates, the top candidates verified (the default).
 - `tpe`, `cmaes`, `gp`: optuna's samplers over the stick-breaking cube (mergemix.search.space), in a shared
   study (mergemix.search.study) that several workers can fill; the seeds are enqueued first.
+- `gradient`: Adam on the logits of α through the merged model's differentiable scores; the points along
+  the descent are verified (mergemix.search.gradient).
 - `grid`: every point of a regular simplex grid (K <= 3), projected into the feasible set: the reference
   optimum the others are measured against.
 """
@@ -30,6 +32,7 @@ from mergemix.search.trials import alpha_key
 
 if TYPE_CHECKING:
     from mergemix.evaluate import Objective
+    from mergemix.evaluate.differentiable import GradientObjective
     from mergemix.recipe import Recipe
     from mergemix.search import Trial
 
@@ -54,6 +57,7 @@ class Context:
     storage: str = ""  # RDB URL of the shared study
     study_name: str = ""
     domains: list[str] = field(default_factory=list)
+    differentiable: GradientObjective | None = None  # the objective, differentiable in α (strategy gradient)
 
 
 class Strategy:
@@ -254,3 +258,6 @@ class GP(_Optuna):
         import optuna
 
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=0)
+
+
+from mergemix.search import gradient as _gradient  # noqa: E402, F401  (registers strategy gradient)
