@@ -307,6 +307,7 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             signal=_signal(result, recipe),
             strategy=strategy or recipe.search.strategy,
             surrogate=recipe.search.surrogate,
+            surrogate_prior=recipe.search.surrogate_prior,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
             active_bounds=bounds.active(result.star.alpha),

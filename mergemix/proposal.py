@@ -81,6 +81,7 @@ class Proposal(_Frozen):
     signal: list[Signal]
     strategy: str = "surface"  # the search strategy that found alpha*
     surrogate: str
+    surrogate_prior: str = "none"  # search.surrogate_prior: what the surrogate started from
     surrogate_loo_rmse: dict[str, float]
     n_trials: int
     active_bounds: dict[str, str] = {}  # domain → the bound it sits on at alpha*

@@ -78,7 +78,8 @@ def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds) -> 
     """The shared study of one search: same experts, benchmarks, objective, bounds, seed and strategy (a
     larger search.trials or timeout_s continues the same study)."""
     key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
-                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials"}),
+                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
+                                                                   "surrogate_prior"}),
                        bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed])
     return f"{recipe.name}-{strategy}-{key[:12]}"
 
