@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +286,13 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
     if not is_main_process():
         return None
     result, bounds, evaluator, merger = _search(ws, strategy)
+    real = None
+    if recipe.search.verify_real:
+        from mergemix.verify_real import verify_real
+
+        with ws.timings.stage("verify_real"):
+            star, real = verify_real(ws, result, bounds, evaluator)
+        result = replace(result, star=star, predicted_star=star.predicted)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
@@ -314,6 +321,7 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             weights=result.objective.weights(),
             normalization=result.objective.references(),
             margins=_margins(result),
+            verify_real=real,
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

@@ -447,6 +447,11 @@ class SearchSpec(_Model):
     )
     candidates: int = Field(20000, ge=10, description="simplex points scored on the surrogate")
     verify: int = Field(5, ge=0, description="top surrogate candidates verified by real merge + evaluation")
+    verify_real: int = Field(
+        0, ge=0, description="after the search, train the top N mixtures and uniform and token-proportional for a "
+        "short real run (report.steps or report.tokens, one seed) and propose the best; its cost is in "
+        "proposal.json. 0 = off"
+    )
     final: Literal["best", "top_k_mean"] = Field(
         "best", description="alpha*: the best really evaluated point, or the mean of the top `top_k` of them"
     )

@@ -62,6 +62,7 @@ class SearchResult:
     star: Trial
     surrogate_loo_rmse: dict[str, float]
     predicted_star: float | None
+    ranked: list[Trial] = field(default_factory=list)  # feasible trials, best first by what α* maximizes
 
     def by_kind(self, kind: str) -> Trial:
         return next(t for t in self.trials if t.kind == kind)
@@ -79,7 +80,7 @@ def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds) -> 
     larger search.trials or timeout_s continues the same study)."""
     key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
                        recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
-                                                                   "surrogate_prior"}),
+                                                                   "surrogate_prior", "verify_real"}),
                        bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed])
     return f"{recipe.name}-{strategy}-{key[:12]}"
 
@@ -197,7 +198,7 @@ def run_search(
         star = existing or finish(run("top-k-mean", "top_k_mean", alpha), objective)
         if existing is None:
             trials.append(star)
-    return SearchResult(base, trials, objective, star, strat.loo, strat.predict(star.vector(domains)))
+    return SearchResult(base, trials, objective, star, strat.loo, strat.predict(star.vector(domains)), ranked)
 
 
 def _shared_references(storage: str, name: str, references: list[tuple[str, str, dict[str, float]]],
