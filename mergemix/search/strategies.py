@@ -25,7 +25,7 @@ from mergemix.registry import Registry
 from mergemix.search.feasible import Bounds
 from mergemix.search.seeds import simplex_candidates
 from mergemix.search.space import SimplexMap
-from mergemix.search.surrogate import PriorBasis, fit_with_prior
+from mergemix.search.surrogate import PriorBasis, fit_with_prior, prior_basis
 from mergemix.search.trials import alpha_key
 
 if TYPE_CHECKING:
@@ -147,15 +147,10 @@ class Surface(_Queue):
         return [(f"verify-{j}", "verify", as_alpha(ctx.domains, p)) for j, p in enumerate(chosen)]
 
     def _basis(self, group: str) -> PriorBasis:
-        """The no-merge predictors of `group`: the experts' own scores (vertex trials), the token prior, and
-        log-prior weights from the group's benchmarks that score a domain's held-out text (uniform if none)."""
         ctx = self.ctx
         vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in ctx.references if t.kind == "vertex"}
-        experts = np.array([vertices[d].capabilities[group] for d in ctx.domains])
-        weights = np.array([sum(b.domain == d for b in ctx.recipe.evaluation.benchmarks if b.capability == group)
-                            for d in ctx.domains], dtype=np.float64)
-        return PriorBasis(experts, np.asarray(ctx.prior, dtype=np.float64),
-                          weights if weights.sum() > 0 else np.ones(len(ctx.domains)))
+        return prior_basis(group, np.array([vertices[d].capabilities[group] for d in ctx.domains]), ctx.prior,
+                           [(b.capability, b.domain) for b in ctx.recipe.evaluation.benchmarks], ctx.domains)
 
     def _predict(self, points: np.ndarray) -> np.ndarray:
         groups = list(self.predictors)

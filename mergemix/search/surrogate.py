@@ -14,7 +14,7 @@ the three predictors to the surrogate as inputs beside α.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +97,16 @@ class PriorBasis:
         log_prior = np.log(x + PRIOR_EPS) @ self.log_weights
         closeness = -(self.token_prior * np.log(self.token_prior / (x + 1e-12))).sum(axis=1)
         return np.column_stack([x, self.interpolation(x), log_prior, closeness])
+
+
+def prior_basis(group: str, experts: np.ndarray, token_prior: np.ndarray,
+                benchmarks: Sequence[tuple[str, str | None]], domains: Sequence[str]) -> PriorBasis:
+    """The no-merge predictors of capability `group`: `experts` are its scores of each expert (domain
+    order); the log prior weighs each domain by the group's benchmarks (capability, domain) that score that
+    domain's held-out text, uniformly where none does."""
+    weights = np.array([sum(cap == group and dom == d for cap, dom in benchmarks) for d in domains], dtype=np.float64)
+    return PriorBasis(np.asarray(experts, dtype=np.float64), np.asarray(token_prior, dtype=np.float64),
+                      weights if weights.sum() > 0 else np.ones(len(domains)))
 
 
 def fit_with_prior(name: str, prior: str, x: np.ndarray, y: np.ndarray, seed: int,
