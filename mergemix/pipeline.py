@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,13 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
     if not is_main_process():
         return None
     result, bounds, evaluator, merger = _search(ws, strategy)
+    real = None
+    if recipe.search.verify_real:
+        from mergemix.verify_real import verify_real
+
+        with ws.timings.stage("verify_real"):
+            star, real = verify_real(ws, result, bounds, evaluator)
+        result = replace(result, star=star, predicted_star=star.predicted)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
@@ -309,12 +316,14 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             signal=_signal(result, recipe),
             strategy=strategy or recipe.search.strategy,
             surrogate=recipe.search.surrogate,
+            surrogate_prior=recipe.search.surrogate_prior,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
             active_bounds=bounds.active(result.star.alpha),
             weights=result.objective.weights(),
             normalization=result.objective.references(),
             margins=_margins(result),
+            verify_real=real,
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

@@ -441,8 +441,18 @@ class SearchSpec(_Model):
         "sqlite in the run directory. Workers (mergemix search RECIPE --worker) add trials to the same study"
     )
     surrogate: str = Field("lightgbm", description="surrogate per capability group: lightgbm | quadratic")
+    surrogate_prior: Literal["none", "residual", "feature"] = Field(
+        "none", description="what the surrogate starts from: none (α only) | residual (fit what the interpolation "
+        "of the experts' own scores leaves; kept only where it beats that interpolation out of sample) | feature "
+        "(the interpolation, log prior and token-KL closeness as inputs beside α)"
+    )
     candidates: int = Field(20000, ge=10, description="simplex points scored on the surrogate")
     verify: int = Field(5, ge=0, description="top surrogate candidates verified by real merge + evaluation")
+    verify_real: int = Field(
+        0, ge=0, description="after the search, train the top N mixtures and uniform and token-proportional for a "
+        "short real run (report.steps or report.tokens, one seed) and propose the best; its cost is in "
+        "proposal.json. 0 = off"
+    )
     final: Literal["best", "top_k_mean"] = Field(
         "best", description="alpha*: the best really evaluated point, or the mean of the top `top_k` of them"
     )

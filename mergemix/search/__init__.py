@@ -63,6 +63,7 @@ class SearchResult:
     star: Trial
     surrogate_loo_rmse: dict[str, float]
     predicted_star: float | None
+    ranked: list[Trial] = field(default_factory=list)  # feasible trials, best first by what α* maximizes
 
     def by_kind(self, kind: str) -> Trial:
         return next(t for t in self.trials if t.kind == kind)
@@ -82,7 +83,7 @@ def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds) -> 
     own = {f for f in type(recipe.search).model_fields if f.startswith("gradient_")}
     key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
                        recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
-                                                                      *own}),
+                                                                      "surrogate_prior", "verify_real", *own}),
                        bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed])
     return f"{recipe.name}-{strategy}-{key[:12]}"
 
@@ -202,7 +203,7 @@ def run_search(
         star = existing or finish(run("top-k-mean", "top_k_mean", alpha), objective)
         if existing is None:
             trials.append(star)
-    return SearchResult(base, trials, objective, star, strat.loo, strat.predict(star.vector(domains)))
+    return SearchResult(base, trials, objective, star, strat.loo, strat.predict(star.vector(domains)), ranked)
 
 
 def _shared_references(storage: str, name: str, references: list[tuple[str, str, dict[str, float]]],

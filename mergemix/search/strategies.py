@@ -27,7 +27,7 @@ from mergemix.registry import Registry
 from mergemix.search.feasible import Bounds
 from mergemix.search.seeds import simplex_candidates
 from mergemix.search.space import SimplexMap
-from mergemix.search.surrogate import SURROGATES, loo_rmse
+from mergemix.search.surrogate import PriorBasis, fit_with_prior, prior_basis
 from mergemix.search.trials import alpha_key
 
 if TYPE_CHECKING:
@@ -129,12 +129,12 @@ class Surface(_Queue):
         ctx, spec = self.ctx, self.ctx.recipe.search
         groups = list(self.trials[0].capabilities)
         x = np.stack([t.vector(ctx.domains) for t in self.trials])
-        fit = SURROGATES.get(spec.surrogate)
         for g in groups:
             y = np.array([t.capabilities[g] for t in self.trials])
-            self.predictors[g] = fit(x, y, ctx.recipe.seed)
-            self.loo[g] = loo_rmse(fit, x, y, ctx.recipe.seed)  # the recipe guarantees >= K + 2 >= 4 points
-        log.info("surrogate (%s) leave-one-out RMSE: %s", spec.surrogate,
+            # the recipe guarantees >= K + 2 >= 4 points
+            self.predictors[g], self.loo[g] = fit_with_prior(spec.surrogate, spec.surrogate_prior, x, y,
+                                                             ctx.recipe.seed, self._basis(g))
+        log.info("surrogate (%s, prior %s) leave-one-out RMSE: %s", spec.surrogate, spec.surrogate_prior,
                  ", ".join(f"{g} {v:.3f}" for g, v in self.loo.items()))
         cand = simplex_candidates(ctx.prior, spec.candidates, spec.concentration, ctx.recipe.seed)
         if not ctx.bounds.unconstrained:
@@ -149,6 +149,12 @@ class Surface(_Queue):
             if all(np.abs(point - c).sum() > 0.05 for c in [*chosen, *x]):
                 chosen.append(point)
         return [(f"verify-{j}", "verify", as_alpha(ctx.domains, p)) for j, p in enumerate(chosen)]
+
+    def _basis(self, group: str) -> PriorBasis:
+        ctx = self.ctx
+        vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in ctx.references if t.kind == "vertex"}
+        return prior_basis(group, np.array([vertices[d].capabilities[group] for d in ctx.domains]), ctx.prior,
+                           [(b.capability, b.domain) for b in ctx.recipe.evaluation.benchmarks], ctx.domains)
 
     def _predict(self, points: np.ndarray) -> np.ndarray:
         groups = list(self.predictors)
