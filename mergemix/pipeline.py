@@ -227,7 +227,7 @@ def start(recipe: Recipe, distributed: bool = False) -> Workspace:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1 and not distributed:
         raise MergemixError(f"this command runs as one process, got {processes} (accelerate launch, torchrun); "
-                            "only propose and experts run multi-process: start it with python -m mergemix")
+                            "only propose, experts and report run multi-process: start it with python -m mergemix")
     precision_key(recipe)  # a precision this device cannot train in fails here, before any training
     ws = _setup(recipe)
     prepare_base_and_data(ws)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import math
@@ -88,14 +89,29 @@ def _cpu(device: str) -> bool:
     return device == "cpu" or not torch.cuda.is_available()
 
 
+# How long a process of a multi-process launch waits for the others at a collective. The main process
+# searches, scores and renders alone while the others wait (report: between the experts and the mixture
+# runs), which takes longer than torch's default of 30 minutes on a real model.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def make_accelerator(device: str = "auto"):  # -> accelerate.Accelerator
     """An Accelerator for `device`, set up by the launch (accelerate launch flags or config, torchrun): one
     process, data-parallel (DDP), or FSDP2 full sharding when the launch asks for FSDP."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    accelerator = Accelerator(cpu=_cpu(device))
+    if _fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise MergemixError("accelerate config: FSDP version 1 is not supported; use FSDP version 2 (accelerate "
+                            "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in the accelerate config)")
+    accelerator = Accelerator(cpu=_cpu(device), kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     _fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def _fsdp_launch() -> bool:
+    """Whether the launch asks for FSDP (accelerate launch --use_fsdp or an FSDP accelerate config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -105,9 +121,7 @@ def _fsdp_on_cpu(accelerator) -> None:
     and accelerate's own FSDP2 preparation runs: the CPU tests exercise the same code as a GPU launch."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return
-    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if _fsdp_launch() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
         accelerator.state.distributed_type = DistributedType.FSDP
 
@@ -116,7 +130,7 @@ def process_state(device: str = "auto"):  # -> accelerate.PartialState
     """This process's place in a (multi-process) launch, without building an Accelerator."""
     from accelerate import PartialState
 
-    return PartialState(cpu=_cpu(device))
+    return PartialState(cpu=_cpu(device), timeout=PROCESS_GROUP_TIMEOUT)
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,10 +260,9 @@ def train(
 def _check_sharding(accelerator) -> bool:
     """Whether the launch shards the model (FSDP2); a sharding mergemix cannot train is a MergemixError."""
     kind = accelerator.distributed_type.value
-    if kind in ("DEEPSPEED", "MEGATRON_LM") or (kind == "FSDP" and not accelerator.is_fsdp2):
-        raise MergemixError(f"accelerate config: {kind}{' version 1' if kind == 'FSDP' else ''} is not supported; "
-                            "use FSDP version 2 (accelerate launch --use_fsdp --fsdp_version 2) or data-parallel "
-                            "(accelerate launch --multi_gpu, torchrun)")
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise MergemixError(f"accelerate config: {kind} is not supported; use FSDP version 2 (accelerate launch "
+                            "--use_fsdp --fsdp_version 2) or data-parallel (accelerate launch --multi_gpu, torchrun)")
     return kind == "FSDP"
 
 

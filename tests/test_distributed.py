@@ -1,8 +1,11 @@
-"""Real multi-process launches on CPU (accelerate launch, gloo): data-parallel and FSDP2-sharded experts."""
+"""Real multi-process launches on CPU (accelerate launch, gloo): data-parallel and FSDP2-sharded experts,
+and the report's mixture runs trained data-parallel."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +84,40 @@ def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) ->
     assert log.count("expert math: 6 steps") == 1
     assert log.count("no resume checkpoints under FSDP") == 2  # each process says it, and neither writes one
     _same_expert(run / "experts" / "math", one_process)
+
+
+def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
+    """`report` under a 2-process launch trains each mixture run data-parallel: the main process alone
+    scores and writes each run's record, and the records equal those of a one-process report. The proposal
+    (experts, trials, proxies) is made once by the one-process report and reused by the launch."""
+    one, two = recipe_file.parent / "report_one", recipe_file.parent / "report_two"
+    report = ["report.mixtures=4", "report.seeds=1", "report.steps=4", "report.bootstrap=100",
+              "report.interference_batches=0"]
+    cmd = ["-m", "mergemix", "report", str(recipe_file), *report]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    assert log.count("mixture runs: 0 of 4 already done") == 2  # both processes train every mixture run
+    assert log.count("wrote ") == 1  # the main process alone reports
+    assert (two / "report" / "index.html").exists()
+    runs = {p.name: json.loads(p.read_text()) for p in (one / "report" / "runs").glob("*.json")}
+    assert len(runs) == 4
+    assert sorted(p.name for p in (two / "report" / "runs").iterdir()) == sorted(runs)  # no checkpoint left
+    for name, a in runs.items():
+        b = json.loads((two / "report" / "runs" / name).read_text())
+        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4)
+        for bench, scores in a["raw"].items():
+            for metric, value in scores.items():
+                assert b["raw"][bench][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, bench, metric)
+
+
+def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FSDP launch without --fsdp_version 2 (accelerate's default is version 1) is refused before
+    accelerate builds anything (on CPU it would raise a RuntimeError about missing devices)."""
+    from mergemix.errors import MergemixError
+    from mergemix.train import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(MergemixError, match="FSDP version 1 is not supported; use FSDP version 2"):
+        make_accelerator("cpu")
