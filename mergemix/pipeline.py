@@ -30,8 +30,9 @@ from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint
 from mergemix.progress import progress
 from mergemix.proposal import Margin, Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
-from mergemix.search import SearchResult, Trial, run_search
+from mergemix.search import SearchResult, Trial
 from mergemix.search.feasible import Bounds
+from mergemix.search.hierarchy import run_hierarchical
 from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
@@ -263,8 +264,8 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, 
         eval_key = evaluation_key(recipe, ws)
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
-        result = run_search(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds, strategy,
-                            GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state))
+        result = run_hierarchical(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds,
+                                  strategy, GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state))
         merger.restore()
     return result, bounds, evaluator, merger
 
@@ -299,6 +300,8 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
         best_expert = max(vertices, key=lambda t: t.objective)
+        units = recipe.mixture.units(names)
+        groups = units if len(units) < len(names) else {}
         proposal = Proposal(
             name=recipe.name,
             seed=recipe.seed,
@@ -320,6 +323,8 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
             active_bounds=bounds.active(result.star.alpha),
+            groups=groups,
+            group_shares={g: round(sum(result.star.alpha[d] for d in ds), 6) for g, ds in groups.items()},
             weights=result.objective.weights(),
             normalization=result.objective.references(),
             margins=_margins(result),

@@ -113,6 +113,10 @@ class Proposal(_Frozen):
     surrogate_loo_rmse: dict[str, float]
     n_trials: int
     active_bounds: dict[str, str] = {}  # domain → the bound it sits on at alpha*
+    # hierarchical search (mixture.groups, or mixture.reuse keeping ratios): group → its domains, and its share
+    # of alpha* (a domain of no group is a group of its own); empty for a flat search
+    groups: dict[str, list[str]] = {}
+    group_shares: dict[str, float] = {}
     weights: dict[str, float] = {}  # objective weight per capability group
     # benchmark → metric, capability, and the metric values normalized to 0 and to 1
     normalization: dict[str, dict[str, str | float]] = {}
@@ -126,6 +130,9 @@ class Proposal(_Frozen):
         for s in self.mixture:
             flag = f"  ({s.bound})" if s.bound else ""
             lines.append(f"{s.domain:<14}{s.ratio:>8.3f}{s.tokens:>16,}{s.epochs:>9.2f}{flag}")
+        if self.group_shares:
+            lines.append("groups: " + ", ".join(f"{g} {v:.3f} ({' + '.join(self.groups[g])})"
+                                                for g, v in self.group_shares.items()))
         groups = list(self.proposal.capabilities)
         widths = [max(10, len(g) + 2) for g in groups]
         lines += ["", f"{'mixture':<22}{'objective':>10}" + "".join(f"{g:>{w}}" for g, w in zip(groups, widths, strict=True))]

@@ -7,13 +7,23 @@ Errors are reported as `FILE: dotted.field: what is wrong, got VALUE`.
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mergemix.errors import MergemixError
 from mergemix.registry import Registry
@@ -497,6 +507,64 @@ class SearchSpec(_Model):
         return _registered(STRATEGIES, v)
 
 
+class ReuseSpec(_Model):
+    """Shares taken over from an earlier run's proposal.json, so that only the other domains are searched (a
+    domain added to a mixture already tuned)."""
+
+    proposal: str = Field(..., description="the earlier run's proposal.json (its alpha_star is read)")
+    domains: list[str] | None = Field(
+        None, description="domains whose earlier share is reused; default: every domain of this recipe that the "
+        "earlier proposal has (the others, e.g. a new domain, are searched)"
+    )
+    keep: Literal["ratios", "shares"] = Field(
+        "ratios", description="ratios: the reused domains keep their earlier ratios to each other and the search "
+        "finds their total against the other domains (adding a domain: how much of it, with the old mix as it "
+        "was); shares: each reused domain is pinned at its earlier share and the others divide the rest"
+    )
+    _alpha: dict[str, float] = PrivateAttr(default_factory=dict)  # the earlier alpha*, read at validation
+
+    @model_validator(mode="after")
+    def _read(self) -> ReuseSpec:
+        path = Path(self.proposal)
+        if not path.is_file():
+            raise ValueError(f"proposal {self.proposal}: file not found; give the proposal.json of an earlier run")
+        try:
+            alpha = json.loads(path.read_text(encoding="utf-8")).get("alpha_star")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            alpha = None
+        if not isinstance(alpha, dict) or not alpha or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in alpha.values()):
+            raise ValueError(f"proposal {self.proposal}: not a mergemix proposal.json (no alpha_star of domain "
+                             "shares); give the proposal.json of an earlier run")
+        self._alpha = {str(d): float(v) for d, v in alpha.items()}
+        return self
+
+    def shares(self, domains: list[str]) -> dict[str, float]:
+        """The earlier share of each reused domain among `domains` (the recipe's), in recipe order."""
+        chosen = self.domains if self.domains is not None else [d for d in domains if d in self._alpha]
+        return {d: self._alpha[d] for d in domains if d in chosen}
+
+    def check(self, domains: list[str]) -> str | None:
+        """Why these shares cannot be reused by a recipe of `domains`, or None."""
+        for d in self.domains or []:
+            if d not in domains:
+                return f"domains: {d} is not a domain of this recipe (domains: {', '.join(domains)})"
+            if d not in self._alpha:
+                return f"domains: {d} has no share in {self.proposal} (its domains: {', '.join(self._alpha)})"
+        reused = self.shares(domains)
+        if not reused:
+            return f"{self.proposal} has none of this recipe's domains (its domains: {', '.join(self._alpha)})"
+        if len(reused) == len(domains):
+            return ("every domain's share is reused, so nothing is left to search; add a domain or list fewer in "
+                    "mixture.reuse.domains")
+        if self.keep == "ratios" and sum(reused.values()) <= 0:
+            return f"the reused domains have no share in {self.proposal}, so they have no ratios to keep"
+        return None
+
+
+REUSED = "reused"  # the group of the reused domains when mixture.reuse keeps their ratios
+
+
 class MixtureSpec(_Model):
     """How alpha* becomes a mid-training mixture."""
 
@@ -515,6 +583,32 @@ class MixtureSpec(_Model):
         default_factory=dict, description="domain -> fixed share (e.g. from an earlier proposal); only the other "
         "domains' shares are searched"
     )
+    groups: dict[str, list[str]] = Field(
+        default_factory=dict, description="group -> its domains, searched top-down (paper 3.5): first the shares of "
+        "the groups (each group's share split over its domains in token proportion; a domain in no group is a "
+        "group of its own), then the shares within each group with the group's total fixed. Each domain is in "
+        "at most one group; every point is a merge of all the domains' experts, and the proposal gives flat "
+        "ratios over all domains plus the groups' shares"
+    )
+    reuse: ReuseSpec | None = Field(
+        None, description="take shares from an earlier run's proposal.json and search only the other domains"
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        seen: dict[str, str] = {}
+        for g, members in v.items():
+            if not re.match(NAME, g):
+                raise ValueError(f"group name {g!r}: use letters, digits, _ -")
+            if not members:
+                raise ValueError(f"group {g} has no domains")
+            for d in members:
+                if d in seen:
+                    where = "twice" if seen[d] == g else f"in groups {seen[d]} and {g}"
+                    raise ValueError(f"domain {d} is listed {where}; a domain belongs to at most one group")
+                seen[d] = g
+        return v
 
     @field_validator("min_share", "max_share", "pinned")
     @classmethod
@@ -532,7 +626,26 @@ class MixtureSpec(_Model):
         cap = None
         if self.max_epochs is not None and available is not None:
             cap = {d: self.max_epochs * available[d] / self.total_tokens for d in domains}
-        return Bounds.build(domains, self.min_share, self.max_share, self.pinned, cap)
+        return Bounds.build(domains, self.min_share, self.max_share, {**self.pinned, **self.reused_pins(domains)},
+                            cap)
+
+    def reused_pins(self, domains: list[str]) -> dict[str, float]:
+        """Domain -> share pinned by mixture.reuse with keep: shares (empty otherwise)."""
+        if self.reuse is None or self.reuse.keep != "shares":
+            return {}
+        return self.reuse.shares(domains)
+
+    def units(self, domains: list[str]) -> dict[str, list[str]]:
+        """The top level of a hierarchical search: group -> its domains (recipe order), the reused domains as
+        one group when mixture.reuse keeps their ratios, every other domain a group of its own. Only the
+        domains themselves when nothing is grouped."""
+        grouped = {d: g for g, members in self.groups.items() for d in members}
+        if self.reuse is not None and self.reuse.keep == "ratios":
+            grouped.update({d: REUSED for d in self.reuse.shares(domains)})
+        out: dict[str, list[str]] = {}
+        for d in domains:
+            out.setdefault(grouped.get(d, d), []).append(d)
+        return out
 
 
 class ReportSpec(_Model):
@@ -620,9 +733,7 @@ class Recipe(_Model):
                 f"search.seeds must be at least {len(names) + 2} (the {len(names)} vertices, uniform and the "
                 f"token prior), got {self.search.seeds}"
             )
-        if self.search.strategy == "grid" and len(names - set(self.mixture.pinned)) > 3:
-            raise ValueError(f"search.strategy grid is for at most 3 unpinned domains (its points grow as n^(K-1)), "
-                             f"got {len(names - set(self.mixture.pinned))}; choose surface, tpe, cmaes or gp")
+        self._check_groups(names)
         for b in self.evaluation.benchmarks:
             if b.domain is not None and b.domain not in names:
                 raise ValueError(f"benchmark {b.name!r} scores unknown domain {b.domain!r}")
@@ -637,10 +748,12 @@ class Recipe(_Model):
                 raise ValueError(f"mixture.{field_name}: unknown domain {', '.join(unknown)} (domains: "
                                  f"{', '.join(sorted(names))})")
         m = self.mixture
-        for d, pin in m.pinned.items():
+        pins = [("mixture.pinned", d, pin) for d, pin in m.pinned.items()]
+        pins += [("mixture.reuse", d, pin) for d, pin in m.reused_pins(self.domain_names).items()]
+        for where, d, pin in pins:
             if pin > m.max_share.get(d, 1.0) or pin < m.min_share.get(d, 0.0):
                 side = "above its max_share" if pin > m.max_share.get(d, 1.0) else "below its min_share"
-                raise ValueError(f"mixture.pinned: {d} pinned at {pin:g} is {side}; change one of them")
+                raise ValueError(f"{where}: {d} pinned at {pin:g} is {side}; change one of them")
         given = {d.name: d.available_tokens for d in self.data.domains if d.available_tokens}
         # With every domain's available_tokens given, the repetition cap is checked here too.
         problem = self.mixture.bounds(self.domain_names, given if len(given) == len(names) else None).problem()
@@ -650,6 +763,44 @@ class Recipe(_Model):
             raise ValueError(f"report.mixtures ({self.report.mixtures}) must leave room for the proposal, uniform, "
                              f"token-proportional and the {len(self.report.include)} included mixtures")
         return self
+
+    def _check_groups(self, names: set[str]) -> None:
+        """mixture.groups and mixture.reuse name this recipe's domains and leave something to search; grid
+        searches at most 3 unpinned domains or groups per stage."""
+        m = self.mixture
+        known = f"(domains: {', '.join(self.domain_names)})"
+        for g, members in m.groups.items():
+            unknown = [d for d in members if d not in names]
+            if unknown:
+                raise ValueError(f"mixture.groups.{g}: unknown domain {', '.join(unknown)} {known}")
+            if g in names:
+                raise ValueError(f"mixture.groups: group {g} has the name of a domain; rename the group")
+        if m.reuse is not None:
+            problem = m.reuse.check(self.domain_names)
+            if problem:
+                raise ValueError(f"mixture.reuse: {problem}")
+            reused = m.reuse.shares(self.domain_names)
+            clash = [d for d in reused if d in m.pinned]
+            if clash:
+                raise ValueError(f"mixture.reuse: {clash[0]} is also in mixture.pinned; its share comes from one of "
+                                 "them only")
+            grouped = [d for d in reused if any(d in ms for ms in m.groups.values())]
+            if m.reuse.keep == "ratios" and grouped:
+                raise ValueError(f"mixture.reuse: {grouped[0]} is also in mixture.groups; with keep: ratios the "
+                                 f"reused domains form the group {REUSED!r} of their own")
+            if m.reuse.keep == "ratios" and REUSED in names | set(m.groups):
+                raise ValueError(f"mixture.reuse: {REUSED!r} names the group of the reused domains; rename the "
+                                 f"domain or group called {REUSED}")
+        if self.search.strategy == "grid":
+            pinned = set(m.pinned) | set(m.reused_pins(self.domain_names))
+            units = m.units(self.domain_names)
+            stages = [[u for u, ds in units.items() if set(ds) - pinned]]
+            stages += [[d for d in ds if d not in pinned] for u, ds in units.items() if u in m.groups]
+            widest = max(len(s) for s in stages)
+            if widest > 3:
+                raise ValueError(f"search.strategy grid is for at most 3 unpinned domains (its points grow as "
+                                 f"n^(K-1)), or with mixture.groups 3 groups and 3 domains per group, got {widest}; "
+                                 "choose surface, tpe, cmaes or gp")
 
     @property
     def domain_names(self) -> list[str]:

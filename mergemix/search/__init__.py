@@ -5,6 +5,10 @@ baselines); then the strategy asks for feasible mixtures until it is done or the
 search.timeout_s) is spent. Every evaluated α goes to `trials.jsonl` as soon as it is scored; a rerun with
 the same experts and benchmarks takes finished trials from the log (or the shared study) instead of
 evaluating them again.
+
+A hierarchical search (mergemix.search.hierarchy) runs this driver once per stage: with a `Level` the strategy
+moves in the shares of groups, and each point it asks for is lifted to the flat mixture that is merged, scored
+and logged.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +33,9 @@ from mergemix.search.feasible import Bounds
 from mergemix.search.seeds import seed_points
 from mergemix.search.strategies import STRATEGIES, Context, as_alpha
 from mergemix.search.trials import TrialLog, alpha_key
+
+if TYPE_CHECKING:
+    from mergemix.search.hierarchy import Level
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ class Trial:
     capabilities: dict[str, float] = field(default_factory=dict)
     objective: float = float("nan")
     predicted: float | None = None  # the surrogates' objective, for verified candidates
+    point: dict[str, float] | None = None  # the shares of groups a hierarchical stage chose α by (α is its lift)
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -76,16 +84,16 @@ def kl_divergence(alpha: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return np.sum(np.where(alpha > 0, alpha * np.log(safe / prior), 0.0), axis=1)
 
 
-def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds) -> str:
+def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds, level: Level | None = None) -> str:
     """The shared study of one search: same experts, benchmarks, objective, bounds, seed and strategy (a
-    larger search.trials or timeout_s continues the same study)."""
+    larger search.trials or timeout_s continues the same study), and the same stage of a hierarchical one."""
     # the gradient strategy's own fields (search.gradient_*) are no part of an optuna study
     own = {f for f in type(recipe.search).model_fields if f.startswith("gradient_")}
     key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
                        recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
                                                                       "surrogate_prior", "verify_real", *own}),
-                       bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed])
-    return f"{recipe.name}-{strategy}-{key[:12]}"
+                       bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed, *([level.key()] if level else [])])
+    return f"{recipe.name}-{strategy}-{key[:12]}" + (f"-{level.name}" if level else "")
 
 
 def run_search(
@@ -97,16 +105,23 @@ def run_search(
     bounds: Bounds | None = None,
     strategy: str | None = None,
     differentiable: GradientObjective | None = None,
+    level: Level | None = None,
+    tag: str = "",
 ) -> SearchResult:
     """Search the feasible set (`bounds`, default the whole simplex) with `strategy` (default
     search.strategy) for the α maximizing the objective minus search.kl_weight × KL(α ‖ token prior).
     `evaluate_alpha` merges and scores one α (all zeros: the base itself). The references are always scored
     but α* is chosen among feasible points only. `differentiable` estimates the objective differentiably in α
-    on the merged model (strategy gradient only)."""
+    on the merged model (strategy gradient only; flat searches only, not a `level`).
+
+    With `level` the strategy searches the level's units (groups) from the level's own seed points (its
+    vertices, uniform, prior and draws: search.seeds of them, all in its budget) and every point is its lift;
+    `tag` prefixes the ids and kinds of the strategy's trials (the stage that asked for them)."""
     spec = recipe.search
     domains = recipe.domain_names
     k = len(domains)
     bounds = bounds or recipe.mixture.bounds(domains)
+    units = level.units if level else domains
     name = strategy or spec.strategy
     cls = STRATEGIES.get(name)
     trial_log = TrialLog(log_path, eval_key)
@@ -119,15 +134,26 @@ def run_search(
         points = np.atleast_2d(points)
         return spec.kl_weight * kl_divergence(points, prior) if spec.kl_weight else np.zeros(len(points))
 
+    def unit_penalty(points: np.ndarray) -> np.ndarray:
+        """The penalty of points in the strategy's coordinates (a level's: of their lift)."""
+        return penalty(level.lift(points) if level else points)
+
+    def flat(point: dict[str, float]) -> dict[str, float]:
+        return level.alpha(point) if level else point
+
+    def view(t: Trial) -> Trial:
+        """A trial as the strategy sees it: α in its own coordinates."""
+        return replace(t, alpha=t.point, point=None) if level and t.point is not None else t
+
     def score(t: Trial) -> float:
         """What α* maximizes: the objective, less the KL penalty toward the token prior."""
         return t.objective - float(penalty(t.vector(domains))[0])
 
-    def run(tid: str, kind: str, alpha: dict[str, float]) -> Trial:
+    def run(tid: str, kind: str, alpha: dict[str, float], point: dict[str, float] | None = None) -> Trial:
         rec = trial_log.get(alpha)
         if rec is not None:
-            return Trial(tid, kind, alpha, rec["raw"], predicted=rec.get("predicted"))
-        return Trial(tid, kind, alpha, evaluate_alpha(alpha))
+            return Trial(tid, kind, alpha, rec["raw"], predicted=rec.get("predicted"), point=point)
+        return Trial(tid, kind, alpha, evaluate_alpha(alpha), point=point)
 
     def finish(trial: Trial, objective: Objective) -> Trial:
         trial.normalized, trial.capabilities, trial.objective = objective(trial.raw)
@@ -136,11 +162,15 @@ def run_search(
             trial_log.add({**trial.record(), "objective_key": objective_key})
         return trial
 
-    seeds = seed_points(prior, spec.seeds, spec.concentration, recipe.seed)
+    seeds = seed_points(prior, k + 2 if level else spec.seeds, spec.concentration, recipe.seed)
     references = [("base", "base", {d: 0.0 for d in domains})]
     references += [(f"seed-{i:03d}", kind, as_alpha(domains, vec)) for i, (kind, vec) in enumerate(seeds[: k + 2])]
     rest = seeds[k + 2:]
-    if not bounds.unconstrained:
+    if level is not None:
+        rest = seed_points(level.prior, spec.seeds, spec.concentration, recipe.seed)
+        if not level.bounds.unconstrained:
+            rest = [(kind, level.bounds.project(vec)[0]) for kind, vec in rest]
+    elif not bounds.unconstrained:
         # The references stay (normalization, baselines); every other seed is moved into the feasible set,
         # led by the feasible points nearest uniform and the token prior.
         extra = [("uniform_feasible", np.full(k, 1.0 / k)), ("token_prior_feasible", prior)]
@@ -151,10 +181,11 @@ def run_search(
         from mergemix.search.study import storage_url
 
         storage = storage_url(spec.storage, log_path.parent)
-    bar = progress(total=len(references) + budget, desc=f"merge + evaluate ({name})", leave=False)
+    study = study_name(recipe, name, eval_key, level.bounds if level else bounds, level)
+    bar = progress(total=len(references) + budget, desc=f"merge + evaluate ({tag}{name})", leave=False)
     # The base and the vertices come first: they fix the normalization of every other score.
     if cls.shared:
-        scored = _shared_references(storage, study_name(recipe, name, eval_key, bounds), references, run, bar)
+        scored = _shared_references(storage, study, references, run, bar)
     else:
         scored = []
         for ref in references:
@@ -165,45 +196,67 @@ def run_search(
     finish(base, objective)
     trials = [finish(t, objective) for t in refs]
 
-    ctx = Context(recipe, bounds, prior, objective, list(trials), rest, penalty, budget, storage,
-                  study_name(recipe, name, eval_key, bounds), domains, differentiable)
+    ctx = Context(recipe, level.bounds if level else bounds, level.prior if level else prior, objective,
+                  [] if level else list(trials), rest, unit_penalty, budget, storage, study, units,
+                  None if level else differentiable)
     strat = cls(ctx)
-    seen = {alpha_key(t.alpha) for t in trials}
+    listed = {alpha_key(t.alpha): t for t in trials}
+    # What the strategy was told of: a level's strategy starts from nothing (the references are not points of
+    # its coordinates), so one of its points that lands on a reference is told too, scored from the log.
+    seen = set() if level else set(listed)
     deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else math.inf
     while time.monotonic() < deadline and (ask := strat.ask()) is not None:
-        tid, kind, alpha = ask
+        tid, kind, point = ask
+        alpha = flat(point)
         if not cls.shared and alpha_key(alpha) in seen:  # a projection that landed on a point already scored
             continue
-        t = run(tid, kind, alpha)
-        predicted = strat.predict(t.vector(domains))
+        t = run(tag + tid, tag + kind, alpha, point if level else None)
+        predicted = strat.predict(np.array([point[u] for u in units]))
         if predicted is not None:
             t.predicted = predicted
         t.normalized, t.capabilities, t.objective = objective(t.raw)
-        strat.tell(t)  # the shared study first: a kill between the two leaves the trial where workers see it
-        trials.append(finish(t, objective))
+        strat.tell(view(t))  # the shared study first: a kill between the two leaves the trial where workers see it
+        t = finish(t, objective)
+        if alpha_key(alpha) not in listed:
+            trials.append(t)
+            listed[alpha_key(alpha)] = t
+        elif level and listed[alpha_key(alpha)].point is None:  # a reference that is also a point of the level
+            listed[alpha_key(alpha)].point = point
         seen.add(alpha_key(alpha))
         bar.update()
         bar.set_postfix(best=f"{max(score(t) for t in trials):.3f}")
     if cls.shared:  # the union of every worker's trials
         own = {alpha_key(t.alpha): t for t in trials}
-        trials = list(refs) + [own.get(alpha_key(r["alpha"])) or finish(Trial(r["tid"], r["kind"], r["alpha"], r["raw"]),
-                                                                          objective)
-                               for r in strat.history()]
+        union = {alpha_key(t.alpha): t for t in refs}
+        for r in strat.history():
+            alpha = flat(r["alpha"])
+            t = union.setdefault(alpha_key(alpha), own.get(alpha_key(alpha)) or finish(
+                Trial(tag + r["tid"], tag + r["kind"], alpha, r["raw"], point=r["alpha"] if level else None), objective))
+            if level and t.point is None:  # a reference that is also a point of the level
+                t.point = r["alpha"]
+        trials = list(union.values())
     bar.close()
 
-    ranked = sorted((t for t in trials if bounds.contains(t.vector(domains))), key=lambda t: -score(t))
+    # A level's α* is one of its own points (a reference off the level, e.g. uniform over all domains, would
+    # break the split the level holds: the earlier ratios of mixture.reuse).
+    ranked = sorted((t for t in trials if bounds.contains(t.vector(domains)) and (level is None or t.point)),
+                    key=lambda t: -score(t))
     if not ranked:
         raise MergemixError("search: no feasible trial finished within search.timeout_s; raise it")
     if spec.final == "best":
         star = ranked[0]
     else:
-        mean = np.mean([t.vector(domains) for t in ranked[: spec.top_k]], axis=0)
-        alpha = as_alpha(domains, mean)
+        top = [t.point if level else t.alpha for t in ranked[: spec.top_k]]
+        point = as_alpha(units, np.mean([[c[u] for u in units] for c in top if c], axis=0))
+        alpha = flat(point)
         existing = next((t for t in trials if t.alpha == alpha), None)
-        star = existing or finish(run("top-k-mean", "top_k_mean", alpha), objective)
+        star = existing or finish(run(f"{tag}top-k-mean", f"{tag}top_k_mean", alpha, point if level else None),
+                                  objective)
         if existing is None:
             trials.append(star)
-    return SearchResult(base, trials, objective, star, strat.loo, strat.predict(star.vector(domains)), ranked)
+    coords = star.point if level else star.alpha
+    predicted = strat.predict(np.array([coords[u] for u in units])) if coords is not None else None
+    return SearchResult(base, trials, objective, star, strat.loo, predicted, ranked)
 
 
 def _shared_references(storage: str, name: str, references: list[tuple[str, str, dict[str, float]]],

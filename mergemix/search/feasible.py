@@ -68,18 +68,36 @@ class Bounds:
         return bool((alpha >= self.lo - TOL).all() and (alpha <= self.hi + TOL).all()
                     and abs(alpha.sum() - 1) < 10 * TOL)
 
-    def project(self, x: np.ndarray) -> np.ndarray:
-        """Euclidean projection of `x` (rows) onto {lo <= α <= hi, Σα = 1}: α = clip(x − τ, lo, hi) with τ
-        found by bisection (the sum is monotone in τ). Points already inside stay where they are."""
+    def project(self, x: np.ndarray, total: float | np.ndarray = 1.0) -> np.ndarray:
+        """Euclidean projection of `x` (rows) onto {lo <= α <= hi, Σα = total}: α = clip(x − τ, lo, hi) with τ
+        found by bisection (the sum is monotone in τ). Points already inside stay where they are. `total` may
+        differ per row (a group's share split over its domains: mergemix.search.hierarchy)."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        total = np.broadcast_to(np.asarray(total, dtype=np.float64), (len(x),))
         low = (x - self.hi).min(axis=1) - 1.0
         high = (x - self.lo).max(axis=1) + 1.0
         for _ in range(100):  # the interval shrinks to 2^-100 of its width
             tau = (low + high) / 2
-            total = np.clip(x - tau[:, None], self.lo, self.hi).sum(axis=1)
-            low = np.where(total > 1, tau, low)
-            high = np.where(total > 1, high, tau)
+            over = np.clip(x - tau[:, None], self.lo, self.hi).sum(axis=1) > total
+            low = np.where(over, tau, low)
+            high = np.where(over, high, tau)
         return np.clip(x - ((low + high) / 2)[:, None], self.lo, self.hi)
+
+    def fix(self, shares: dict[str, float]) -> Bounds:
+        """These bounds with the domains of `shares` pinned there: a search of the other domains whose total
+        is held at 1 − Σ shares (a group's share, in the second stage of a hierarchical search)."""
+        lo, hi = self.lo.copy(), self.hi.copy()
+        lo_from, hi_from = list(self.lo_from), list(self.hi_from)
+        for i, d in enumerate(self.domains):
+            if d in shares:
+                lo[i] = hi[i] = shares[d]
+                lo_from[i] = hi_from[i] = "pinned"
+        return Bounds(self.domains, lo, hi, tuple(lo_from), tuple(hi_from))
+
+    def subset(self, idx: list[int]) -> Bounds:
+        """The bounds of the domains at `idx` alone (their sum is set by whoever projects onto them)."""
+        return Bounds(tuple(self.domains[i] for i in idx), self.lo[idx], self.hi[idx],
+                      tuple(self.lo_from[i] for i in idx), tuple(self.hi_from[i] for i in idx))
 
     def active(self, alpha: dict[str, float]) -> dict[str, str]:
         """Domain → the bound it sits on at `alpha` (min_share, max_share, max_epochs, pinned)."""
