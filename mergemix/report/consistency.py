@@ -38,13 +38,13 @@ from mergemix.report.interference import dominance_warnings, interference_gamma,
 from mergemix.report.metrics import agreement, finite, fmt, partial_spearman, spearman
 from mergemix.report.mixtures import Mixture, choose_mixtures, mixture_run, run_key
 from mergemix.report.targets import Target, targets
+from mergemix.search.surrogate import PRIOR_EPS
 from mergemix.search.trials import TrialLog, alpha_key
 from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
 
 LOW_CEILING = 0.5  # below this seed-to-seed ρ a target cannot rank mixtures, whatever the proxy
-PRIOR_EPS = 0.01
 
 
 @dataclass

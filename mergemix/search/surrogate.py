@@ -74,8 +74,7 @@ def loo_rmse(fit: Fitter, x: np.ndarray, y: np.ndarray, seed: int) -> float:
     return float(np.sqrt(np.mean(np.square(errors))))
 
 
-SURROGATE_PRIORS = ("none", "residual", "feature")
-PRIOR_EPS = 0.01  # the log prior's floor, as in the report's no-model predictor
+PRIOR_EPS = 0.01  # the log prior's floor (also the report's no-model log prior)
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def prior_basis(group: str, experts: np.ndarray, token_prior: np.ndarray,
 
 def fit_with_prior(name: str, prior: str, x: np.ndarray, y: np.ndarray, seed: int,
                    basis: PriorBasis) -> tuple[Predictor, float]:
-    """The surrogate `name` fitted on (x, y) with the prior lever `prior` (SURROGATE_PRIORS), and its
+    """The surrogate `name` fitted on (x, y) with the prior lever `prior` (none | residual | feature), and its
     leave-one-out RMSE."""
     fit = SURROGATES.get(name)
     if prior == "feature":
