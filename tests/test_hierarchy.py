@@ -151,6 +151,23 @@ def test_a_killed_hierarchical_search_resumes_every_stage(micro_data: dict[str, 
     assert again.calls == []
 
 
+def test_a_shared_hierarchical_study_resumes_every_stage(micro_data: dict[str, Any], tmp_path: Path) -> None:
+    """tpe keeps each stage's trials in its own optuna study (study.db beside the log): a rerun finds every
+    stage's study full, scores nothing and proposes the same alpha*."""
+    recipe = recipe_from_dict(_raw(micro_data, tmp_path, groups=GROUPS) | {"search": {
+        "seeds": 8, "trials": 15, "verify": 2}})
+    log = tmp_path / "trials.jsonl"
+    first, again = Counted(), Counted()
+    res = _search(recipe, log, first, "tpe")
+    import optuna
+
+    studies = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")
+               if not s.study_name.endswith("/references")]
+    assert len(studies) >= 2 and any(s.endswith("-groups") for s in studies)  # stage 1 and stage 2 studies
+    assert _search(recipe, log, again, "tpe").star.alpha == res.star.alpha
+    assert first.calls and again.calls == []
+
+
 @pytest.mark.parametrize(("mixture", "pattern"), [
     ({"groups": {"numbers": ["math", "cod"]}}, r"mixture.groups.numbers: unknown domain cod \(domains: math, prose"),
     ({"groups": {"a": ["math", "code"], "b": ["code", "prose"]}}, r"domain code is listed in groups a and b; a "
