@@ -78,7 +78,7 @@ def main() -> None:
                 rs = rs.model_copy(update={"mixture": r.mixture})
             start_s = time.perf_counter()
             res = run_search(rs, evaluate_alpha, prior, out / f"{label[:1]}-{s}.jsonl", eval_key, bounds, s,
-                             differentiable)
+                             differentiable=differentiable)
             wall = time.perf_counter() - start_s
             used = len(res.trials) - (len(names) + 2)
             results[s] = (res.star.objective, used, wall, res.star.alpha)

@@ -104,6 +104,7 @@ def run_search(
     eval_key: str,
     bounds: Bounds | None = None,
     strategy: str | None = None,
+    *,
     differentiable: GradientObjective | None = None,
     level: Level | None = None,
     tag: str = "",

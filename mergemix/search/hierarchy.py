@@ -138,7 +138,8 @@ def run_hierarchical(
     bounds = bounds or recipe.mixture.bounds(domains)
     level = level_of(recipe, bounds, prior)
     if level is None:
-        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy, differentiable)
+        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
+                          differentiable=differentiable)
     spec = recipe.search
     if (strategy or spec.strategy) == "gradient":
         raise MergemixError("search.strategy gradient searches flat shares: it does not take mixture.groups or "
@@ -166,9 +167,10 @@ def run_hierarchical(
     results: list[SearchResult] = []
     if _free(level.bounds) > 0:
         results.append(run_search(stage(0, 0), evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
-                                  level, tag="groups:"))
+                                  level=level, tag="groups:"))
     elif not inner:  # nothing to search top-down
-        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy, differentiable)
+        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
+                          differentiable=differentiable)
     # stage 1 has nothing to search when all groups but one are pinned: stage 2 starts from that point
     start = level.alpha(dict(zip(level.units, level.bounds.project(level.prior)[0].tolist(), strict=True)))
     best = results[0] if results else None

@@ -150,9 +150,13 @@ class Surface(_Queue):
                 chosen.append(point)
         return [(f"verify-{j}", "verify", as_alpha(ctx.domains, p)) for j, p in enumerate(chosen)]
 
-    def _basis(self, group: str) -> PriorBasis:
+    def _basis(self, group: str) -> PriorBasis | None:
+        """The no-merge predictors of `group` for search.surrogate_prior; None when it is `none`, or in a stage
+        of a hierarchical search (its units are groups of domains, which have no expert of their own)."""
         ctx = self.ctx
         vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in ctx.references if t.kind == "vertex"}
+        if ctx.recipe.search.surrogate_prior == "none" or not set(ctx.domains) <= set(vertices):
+            return None
         return prior_basis(group, np.array([vertices[d].capabilities[group] for d in ctx.domains]), ctx.prior,
                            [(b.capability, b.domain) for b in ctx.recipe.evaluation.benchmarks], ctx.domains)
 

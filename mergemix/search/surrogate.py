@@ -109,10 +109,12 @@ def prior_basis(group: str, experts: np.ndarray, token_prior: np.ndarray,
 
 
 def fit_with_prior(name: str, prior: str, x: np.ndarray, y: np.ndarray, seed: int,
-                   basis: PriorBasis) -> tuple[Predictor, float]:
-    """The surrogate `name` fitted on (x, y) with the prior lever `prior` (none | residual | feature), and its
-    leave-one-out RMSE."""
+                   basis: PriorBasis | None) -> tuple[Predictor, float]:
+    """The surrogate `name` fitted on (x, y) with the prior lever `prior` (none | residual | feature; none
+    when there is no `basis`), and its leave-one-out RMSE."""
     fit = SURROGATES.get(name)
+    if basis is None:
+        prior = "none"
     if prior == "feature":
         def fit_features(xs: np.ndarray, ys: np.ndarray, s: int) -> Predictor:
             model = fit(basis.features(xs), ys, s)
@@ -120,6 +122,7 @@ def fit_with_prior(name: str, prior: str, x: np.ndarray, y: np.ndarray, seed: in
 
         return fit_features(x, y, seed), loo_rmse(fit_features, x, y, seed)
     if prior == "residual":
+        assert basis is not None
         residual = y - basis.interpolation(x)
         alone = float(np.sqrt(np.mean(np.square(residual))))  # the interpolation fits nothing: no LOO needed
         loo = loo_rmse(fit, x, residual, seed)
