@@ -14,6 +14,17 @@ ranked against the same real runs; no mixture is trained again.
     python benchmarks/rank_consistency.py --recipe recipes/ledger.yaml     # one testbed
     python benchmarks/rank_consistency.py --merge-scales 1,2 report.mixtures=6  # the scale lever, fewer runs
     python benchmarks/rank_consistency.py --scale large                    # ~36M parameters, for a GPU
+    python benchmarks/rank_consistency.py --surrogate-priors residual,feature  # the surrogate-prior lever
+
+The table's last row per testbed is `search.verify_real=1`: it would train the proposal, uniform and
+token-proportional with seed number 0, which are the report's seed-0 runs, and pick the best; its "proposal"
+column is that pick's real runs (seed 0 chose it; the other seeds check it).
+
+`--surrogate-priors` adds the surrogate-prior lever (search.surrogate_prior): the search is run again with
+each (only its verified candidates are new merges) and its proposal trained for real with the report's
+seeds, where it is not one of the report's mixtures already. The merged proxy is the same for every lever;
+the "surrogate rho" column is the search's surrogate, refitted on the search's trials with that lever,
+ranking the report's mixtures against the truth. One table at the end holds every testbed and lever.
 
 Demo scale on 2 CPU cores: 25 minutes per testbed measured with the base, experts and search cached
 (24 mixture runs of 300 steps, ~60 s each with other work on the machine); add ~7 minutes from nothing.
@@ -90,10 +101,78 @@ def _scale_lever(recipe: Recipe, d: dict[str, Any], scales: list[float]) -> list
     return lines
 
 
-def report_one(path: str, scale: str, overrides: list[str], scales: list[float]) -> None:
+def _surrogate_rho(recipe: Recipe, proposed: Any, d: dict[str, Any]) -> float | None:
+    """Spearman ρ of the search's surrogate (refitted on every search trial but the base, with the recipe's
+    surrogate and prior lever) at the report's mixtures against the truth (objective, mean over seeds)."""
+    from mergemix.search.surrogate import fit_with_prior, prior_basis
+
+    names, objective = recipe.domain_names, proposed.search.objective
+    trials = [t for t in proposed.search.trials if t.kind != "base"]
+    vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in trials if t.kind == "vertex"}
+    x = np.array([t.vector(names) for t in trials])
+    q = np.array([[m["alpha"][n] for n in names] for m in d["mixtures"]])
+    preds = {}
+    for g in trials[0].capabilities:
+        basis = prior_basis(g, np.array([vertices[n].capabilities[g] for n in names]), np.array(d["token_prior"]),
+                            [(b.capability, b.domain) for b in recipe.evaluation.benchmarks], names)
+        model, _ = fit_with_prior(recipe.search.surrogate, recipe.search.surrogate_prior, x,
+                                  np.array([t.capabilities[g] for t in trials]), recipe.seed, basis)
+        preds[g] = model(q)
+    pred = [objective.combine({g: p[i] for g, p in preds.items()}) for i in range(len(q))]
+    return agreement(pred, [m["truth"]["objective"] for m in d["mixtures"]], n_boot=100)["spearman"]
+
+
+def _lever_row(recipe: Recipe, d: dict[str, Any], testbed: str) -> dict[str, Any]:
+    """The search run again under `recipe` (another surrogate prior) and its proposal trained for real with
+    the report's seeds (reused where it is one of the report's mixtures; saved with the report's runs)."""
+    from mergemix.pipeline import benchmark_key, run_proposal, start
+    from mergemix.report.mixtures import Mixture, mixture_run, run_key
+    from mergemix.search.trials import alpha_key
+
+    ws = start(recipe)
+    proposed = run_proposal(ws)
+    assert proposed is not None and ws.model is not None
+    star = proposed.proposal.alpha_star
+    known = {alpha_key(m["alpha"]): m for m in d["mixtures"]}
+    if alpha_key(star) in known:
+        seeds = [s["objective"] for s in known[alpha_key(star)]["truth_seeds"]]
+    else:
+        bench = benchmark_key(recipe, ws)
+        seeds = []
+        for s in range(recipe.report.seeds):
+            key = run_key(recipe, ws.base_hash, ws.blocks, star, s, bench)
+            rec = mixture_run(recipe, ws.model, ws.blocks, Mixture("proposal", star), s, key,
+                              ws.run_dir / "report" / "runs", proposed.evaluator)
+            seeds.append(proposed.search.objective(rec["raw"])[2])
+    return {"testbed": testbed, "lever": f"prior={recipe.search.surrogate_prior}", "proposal": seeds,
+            "surrogate_rho": _surrogate_rho(recipe, proposed, d), "alpha": star}
+
+
+def _cells(row: dict[str, Any], d: dict[str, Any]) -> str:
+    obj = d["targets"]["objective"]
+    best = max(("token_closeness", "log_prior"), key=lambda k: obj[k]["spearman"] or -2)
+    real = {m["label"]: m["truth_seeds"] for m in d["mixtures"]}
+
+    def mean(seeds: list[float]) -> str:
+        return f"{np.mean(seeds):.3f} ({', '.join(f'{v:.3f}' for v in seeds)})"
+
+    return (f"{row['testbed']:<8}{row['lever']:<16}{_rho(obj['merge']):>20}{fmt(obj['ceiling']):>9}"
+            f"{best + ' ' + fmt(obj[best]['spearman']):>22}"
+            f"{fmt(obj['interpolation']['spearman']):>8}{fmt(row['surrogate_rho']):>11}   {mean(row['proposal']):<26}"
+            f"{mean([s['objective'] for s in real['uniform']]):<26}{mean([s['objective'] for s in real['token_prior']])}")
+
+
+TABLE_HEAD = (f"{'testbed':<8}{'lever':<16}{'merge rho [95%]':>20}{'ceiling':>9}{'best no-model':>22}{'interp':>8}"
+              f"{'surr. rho':>11}   {'proposal real (seeds)':<26}{'uniform real':<26}token-prop. real")
+
+
+def report_one(path: str, scale: str, overrides: list[str], scales: list[float],
+               priors: list[str]) -> list[str]:
+    """Print one testbed's rank consistency; return its lines of the lever table."""
     name = load_recipe(path).name
     extra = LARGE_DATA.get(name, []) if scale == "large" else []
-    recipe = load_recipe(path, [*SCALES[scale], *extra, f"run_dir=runs/rank-consistency-{name}-{scale}", *overrides])
+    settings = [*SCALES[scale], *extra, f"run_dir=runs/rank-consistency-{name}-{scale}", *overrides]
+    recipe = load_recipe(path, settings)
     start = time.perf_counter()
     result = rank_consistency(recipe)
     d = result.data
@@ -119,7 +198,32 @@ def report_one(path: str, scale: str, overrides: list[str], scales: list[float])
         print(f"warning: {w}")
     if scales:
         print("\n".join(_scale_lever(recipe, d, scales)))
+    d["token_prior"] = [next(m for m in d["mixtures"] if m["label"] == "token_prior")["alpha"][n]
+                        for n in recipe.domain_names]
+    proposed_seeds = [s["objective"] for s in next(m for m in d["mixtures"] if m["label"] == "proposal")["truth_seeds"]]
+    rows = [{"testbed": recipe.name, "lever": f"prior={recipe.search.surrogate_prior}", "proposal": proposed_seeds,
+             "surrogate_rho": _surrogate_rho(recipe, _proposed(recipe), d)}]
+    for prior in priors:
+        if prior != recipe.search.surrogate_prior:
+            rows.append(_lever_row(load_recipe(path, [*settings, f"search.surrogate_prior={prior}"]), d, recipe.name))
+            print(f"  surrogate prior {prior}: proposal {rows[-1]['alpha']}, trained for real "
+                  f"{', '.join(f'{v:.3f}' for v in rows[-1]['proposal'])}")
+    # search.verify_real=1 trains the proposal, uniform and token-proportional with seed number 0 for
+    # report.steps: exactly the report's seed-0 runs. Its pick is judged on the other seeds.
+    real = {m["label"]: [s["objective"] for s in m["truth_seeds"]] for m in d["mixtures"]}
+    pick = max(("proposal", "uniform", "token_prior"), key=lambda k: real[k][0])
+    rows.append({"testbed": recipe.name, "lever": "verify_real=1", "proposal": real[pick], "surrogate_rho": None})
+    print(f"  verify_real=1 (the report's seed-0 runs of proposal, uniform, token-proportional) picks {pick}; "
+          "the other seeds are its held-out check")
     print(f"{time.perf_counter() - start:.0f} s; report in {recipe.resolved_run_dir() / 'report' / 'index.html'}")
+    return [_cells(r, d) for r in rows]
+
+
+def _proposed(recipe: Recipe) -> Any:
+    """The recipe's proposal again, everything reused from its run directory."""
+    from mergemix.pipeline import run_proposal, start
+
+    return run_proposal(start(recipe))
 
 
 def main() -> None:
@@ -128,11 +232,17 @@ def main() -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="demo")
     p.add_argument("--merge-scales", type=lambda v: [float(x) for x in v.split(",")], default=[],
                    help="merge scales s to compare, comma-separated, e.g. 1,2")
+    p.add_argument("--surrogate-priors", type=lambda v: v.split(","), default=[],
+                   help="surrogate-prior levers to compare with the recipe's, e.g. residual,feature")
     p.add_argument("overrides", nargs="*", help="recipe overrides for every recipe, e.g. report.mixtures=16")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    table = [TABLE_HEAD]
     for path in args.recipe or RECIPES:
-        report_one(path, args.scale, args.overrides, args.merge_scales)
+        table += report_one(path, args.scale, args.overrides, args.merge_scales, args.surrogate_priors)
+    print("\n" + "\n".join(table))
+    print("merge rho, ceiling, no-model and interpolation rho: objective, truth = mean over seeds; real: objective "
+          "of each mixture trained for real (mean, then each seed); higher is better")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Search strategies side by side on the demo's experts, at one trial budget, in one run.
 
 For each strategy: the verified objective of its α*, the trials it scored after the references (base,
-vertices, uniform, token prior), and its wall time. Twice: on the demo's four domains, and on a 3-domain
+vertices, uniform, token prior), and its wall time (gradient's includes its descent; its trials are the
+points of the descent it verifies, search.gradient_verify + 1 at most). Twice: on the demo's four domains, and on a 3-domain
 problem (the same experts, `facts` pinned at 0), where a fine grid gives the reference optimum and each
 strategy's regret against it. Every strategy gets its own trial log, so none reuses another's merges.
 
@@ -21,6 +22,7 @@ import time
 import numpy as np
 
 from mergemix.evaluate import Evaluator
+from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import general_probs, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.pipeline import evaluation_key, start
@@ -33,7 +35,7 @@ def main() -> None:
     p.add_argument("--recipe", default="recipes/demo.yaml")
     p.add_argument("--trials", type=int, default=12, help="trials per strategy after the references")
     p.add_argument("--grid", type=int, default=66, help="trials of the reference grid (66: step 1/10 for K = 3)")
-    p.add_argument("--strategies", nargs="+", default=["surface", "tpe", "cmaes", "gp"])
+    p.add_argument("--strategies", nargs="+", default=["surface", "tpe", "cmaes", "gp", "gradient"])
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -50,6 +52,7 @@ def main() -> None:
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
     merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed)
+    differentiable = GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state)  # strategy gradient
 
     def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
         merger.apply([alpha[d] for d in names])
@@ -74,7 +77,8 @@ def main() -> None:
             if s == "grid":
                 rs = rs.model_copy(update={"mixture": r.mixture})
             start_s = time.perf_counter()
-            res = run_search(rs, evaluate_alpha, prior, out / f"{label[:1]}-{s}.jsonl", eval_key, bounds, s)
+            res = run_search(rs, evaluate_alpha, prior, out / f"{label[:1]}-{s}.jsonl", eval_key, bounds, s,
+                             differentiable=differentiable)
             wall = time.perf_counter() - start_s
             used = len(res.trials) - (len(names) + 2)
             results[s] = (res.star.objective, used, wall, res.star.alpha)

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             from mergemix.report import rank_consistency
 
             result = rank_consistency(recipe)
+            if result is None:  # another process of a multi-process launch: the main one reports
+                return 0
             print(json.dumps(result.data, indent=2, sort_keys=True) if args.json else f"\n{result.summary()}")
             print(f"\nwrote {recipe.resolved_run_dir() / 'report' / 'index.html'} in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr if args.json else sys.stdout)

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, read_benchmarks
+from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.mixture import available_tokens, check_cap, to_mixture
@@ -227,7 +228,7 @@ def start(recipe: Recipe, distributed: bool = False) -> Workspace:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1 and not distributed:
         raise MergemixError(f"this command runs as one process, got {processes} (accelerate launch, torchrun); "
-                            "only propose and experts run multi-process: start it with python -m mergemix")
+                            "only propose, experts and report run multi-process: start it with python -m mergemix")
     precision_key(recipe)  # a precision this device cannot train in fails here, before any training
     ws = _setup(recipe)
     prepare_base_and_data(ws)
@@ -264,7 +265,7 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, 
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
         result = run_hierarchical(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds,
-                                  strategy)
+                                  strategy, GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state))
         merger.restore()
     return result, bounds, evaluator, merger
 
@@ -288,6 +289,13 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
     if not is_main_process():
         return None
     result, bounds, evaluator, merger = _search(ws, strategy)
+    real = None
+    if recipe.search.verify_real:
+        from mergemix.verify_real import verify_real
+
+        with ws.timings.stage("verify_real"):
+            star, real = verify_real(ws, result, bounds, evaluator)
+        result = replace(result, star=star, predicted_star=star.predicted)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
@@ -311,6 +319,7 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             signal=_signal(result, recipe),
             strategy=strategy or recipe.search.strategy,
             surrogate=recipe.search.surrogate,
+            surrogate_prior=recipe.search.surrogate_prior,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},
             n_trials=len(result.trials) + 1,
             active_bounds=bounds.active(result.star.alpha),
@@ -319,6 +328,7 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             weights=result.objective.weights(),
             normalization=result.objective.references(),
             margins=_margins(result),
+            verify_real=real,
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

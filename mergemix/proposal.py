@@ -69,6 +69,34 @@ class Margin(_Frozen):
                 f"{pred}{warn}")
 
 
+class RealRun(_Frozen):
+    """One mixture of the real verification: its objective by the merged proxy and after a short real run."""
+
+    label: str  # candidate-N (the search's N-th best), uniform, token_prior
+    alpha: dict[str, float]
+    merged: float
+    real: float
+    tokens: int  # tokens trained
+
+
+class RealVerification(_Frozen):
+    """search.verify_real: the top candidates and the baselines trained for real; the best became alpha*."""
+
+    steps: int  # optimizer steps per run
+    tokens: int  # tokens trained over all runs
+    wall_s: float  # seconds this propose spent on it (runs reused from an earlier call cost ~0)
+    runs: list[RealRun]
+    chosen: str  # label of the run with the best real objective
+
+    def lines(self) -> list[str]:
+        out = [f"real verification ({len(self.runs)} runs of {self.steps} steps, {self.tokens:,} tokens, "
+               f"{self.wall_s:.0f} s): objective merged -> real"]
+        for r in self.runs:
+            mark = "  <- chosen" if r.label == self.chosen else ""
+            out.append(f"  {r.label:<14}{r.merged:>9.3f}{r.real:>9.3f}{mark}")
+        return out
+
+
 class Proposal(_Frozen):
     name: str
     seed: int
@@ -81,6 +109,7 @@ class Proposal(_Frozen):
     signal: list[Signal]
     strategy: str = "surface"  # the search strategy that found alpha*
     surrogate: str
+    surrogate_prior: str = "none"  # search.surrogate_prior: what the surrogate started from
     surrogate_loo_rmse: dict[str, float]
     n_trials: int
     active_bounds: dict[str, str] = {}  # domain → the bound it sits on at alpha*
@@ -92,6 +121,7 @@ class Proposal(_Frozen):
     # benchmark → metric, capability, and the metric values normalized to 0 and to 1
     normalization: dict[str, dict[str, str | float]] = {}
     margins: list[Margin] = []  # the proposal against uniform and token-proportional (the guard)
+    verify_real: RealVerification | None = None  # search.verify_real > 0: the short real runs that chose alpha*
 
     def table(self) -> str:
         """Mixture and objective comparison, as plain text."""
@@ -115,6 +145,8 @@ class Proposal(_Frozen):
                          "one unit = the spread of base and experts on a benchmark; higher is better)")
         if self.margins:
             lines += ["", *(m.line() for m in self.margins)]
+        if self.verify_real is not None:
+            lines += ["", *self.verify_real.lines()]
         return "\n".join(lines)
 
     def signal_table(self) -> str:

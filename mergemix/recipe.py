@@ -438,7 +438,8 @@ class SearchSpec(_Model):
     )
     strategy: str = Field(
         "surface", description="surface (seeds, surrogates, dense search, verification) | tpe | cmaes | gp (optuna "
-        "samplers in a shared study) | grid (a regular grid, K <= 3: the reference optimum)"
+        "samplers in a shared study) | gradient (Adam on softmax logits of alpha through the merged model's "
+        "differentiable scores) | grid (a regular grid, K <= 3: the reference optimum)"
     )
     trials: int | None = Field(
         None, ge=1, description="mixtures a strategy may score after the references (base, vertices, uniform, token "
@@ -450,8 +451,18 @@ class SearchSpec(_Model):
         "sqlite in the run directory. Workers (mergemix search RECIPE --worker) add trials to the same study"
     )
     surrogate: str = Field("lightgbm", description="surrogate per capability group: lightgbm | quadratic")
+    surrogate_prior: Literal["none", "residual", "feature"] = Field(
+        "none", description="what the surrogate starts from: none (α only) | residual (fit what the interpolation "
+        "of the experts' own scores leaves; kept only where it beats that interpolation out of sample) | feature "
+        "(the interpolation, log prior and token-KL closeness as inputs beside α)"
+    )
     candidates: int = Field(20000, ge=10, description="simplex points scored on the surrogate")
     verify: int = Field(5, ge=0, description="top surrogate candidates verified by real merge + evaluation")
+    verify_real: int = Field(
+        0, ge=0, description="after the search, train the top N mixtures and uniform and token-proportional for a "
+        "short real run (report.steps or report.tokens, one seed) and propose the best; its cost is in "
+        "proposal.json. 0 = off"
+    )
     final: Literal["best", "top_k_mean"] = Field(
         "best", description="alpha*: the best really evaluated point, or the mean of the top `top_k` of them"
     )
@@ -459,6 +470,26 @@ class SearchSpec(_Model):
     kl_weight: float = Field(
         0.0, ge=0, description="alpha* maximizes objective - kl_weight x KL(alpha || token-proportional mix) (nats): "
         "a pull toward the natural mix where the objective barely tells mixtures apart; 0 = none"
+    )
+    gradient_steps: int = Field(
+        30, ge=1, description="strategy gradient: Adam steps on the logits of alpha (each one forward + backward "
+        "of the merged model on gradient_batch items per benchmark)"
+    )
+    gradient_lr: float = Field(
+        0.1, gt=0, le=10, description="strategy gradient: Adam learning rate on the logits (0.1 moves a share by "
+        "about 10% of itself per step)"
+    )
+    gradient_batch: int = Field(
+        16, ge=0, description="strategy gradient: items (perplexity blocks, multiple-choice items) drawn per "
+        "benchmark and step for the stochastic gradient; 0 = all of them every step"
+    )
+    gradient_verify: int = Field(
+        4, ge=1, description="strategy gradient: points along the descent verified by real merge + evaluation, "
+        "evenly spaced, the last one its end point (its start point is verified too)"
+    )
+    gradient_start: Literal["prior", "uniform", "best"] = Field(
+        "prior", description="strategy gradient: start point: the token-proportional mix, uniform (both moved "
+        "into the bounds), or the best-scoring feasible reference (vertices, uniform, token prior)"
     )
 
     @field_validator("surrogate")

@@ -8,6 +8,8 @@ global batch and keeps its own slice of rows.
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import json
 import logging
 import math
@@ -87,17 +89,48 @@ def _cpu(device: str) -> bool:
     return device == "cpu" or not torch.cuda.is_available()
 
 
-def make_accelerator(device: str = "auto"):  # -> accelerate.Accelerator
-    from accelerate import Accelerator
+# How long a process of a multi-process launch waits for the others at a collective. The main process
+# searches, scores and renders alone while the others wait (report: between the experts and the mixture
+# runs), which takes longer than torch's default of 30 minutes on a real model.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=24)
 
-    return Accelerator(cpu=_cpu(device))
+
+def make_accelerator(device: str = "auto"):  # -> accelerate.Accelerator
+    """An Accelerator for `device`, set up by the launch (accelerate launch flags or config, torchrun): one
+    process, data-parallel (DDP), or FSDP2 full sharding when the launch asks for FSDP."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if _fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise MergemixError("accelerate config: FSDP version 1 is not supported; use FSDP version 2 (accelerate "
+                            "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in the accelerate config)")
+    accelerator = Accelerator(cpu=_cpu(device), kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_launch() -> bool:
+    """Whether the launch asks for FSDP (accelerate launch --use_fsdp or an FSDP accelerate config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Honour an FSDP launch on CPU. accelerate 1.15 applies its FSDP config only on accelerator devices: on
+    CPU it builds a plain data-parallel (gloo) state and silently ignores `--use_fsdp`. torch's FSDP2
+    (`fully_shard`) itself runs on CPU over gloo, so the config's plugin is put back into accelerate's state
+    and accelerate's own FSDP2 preparation runs: the CPU tests exercise the same code as a GPU launch."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if _fsdp_launch() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
+        accelerator.state.distributed_type = DistributedType.FSDP
 
 
 def process_state(device: str = "auto"):  # -> accelerate.PartialState
     """This process's place in a (multi-process) launch, without building an Accelerator."""
     from accelerate import PartialState
 
-    return PartialState(cpu=_cpu(device))
+    return PartialState(cpu=_cpu(device), timeout=PROCESS_GROUP_TIMEOUT)
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,19 +170,26 @@ def train(
     number (every row has the same number of tokens, so this is the mean over the global batch) and
     averaged over processes by DDP, so the update equals one full-batch step to float rounding.
 
+    Under an FSDP launch (FSDP2 full shard through accelerate) each process keeps a shard of the float32
+    weights, gradients and AdamW state of a copy of `model`; the trained weights are gathered into `model` on
+    the main process only (the others keep theirs: only the main process saves or scores). Resume
+    checkpoints are not written under FSDP.
+
     With `checkpoint`, state (weights, optimizer, losses) is saved there every `cfg.checkpoint_every`
     steps and a run finding one resumes from it. The caller removes the checkpoint once the result is saved.
     """
     accelerator = accelerator or make_accelerator()
-    sharded = accelerator.distributed_type.value
-    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise MergemixError(f"accelerate config: {sharded} is not supported yet (experts are saved from one "
-                            "unsharded copy); launch data-parallel (accelerate launch --multi_gpu, torchrun)")
+    fsdp = _check_sharding(accelerator)
     precision = resolve_precision(cfg.precision, accelerator.device.type)
     load_dtype = next(model.parameters()).dtype
-    model.float()  # float32 master weights
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    # FSDP shards the module it trains in place, so it trains a copy and the result is copied back
+    work = copy.deepcopy(model).float() if fsdp else model.float()  # float32 master weights
+    if fsdp and checkpoint is not None:
+        log.warning("%s: no resume checkpoints under FSDP (the optimizer state is sharded); a killed run "
+                    "trains this model again from step 0", desc)
+        checkpoint = None
+    decay = [p for n, p in work.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in work.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -159,14 +199,14 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start, losses = 0, []
     if checkpoint is not None and checkpoint.exists():
-        resumed = load_checkpoint(checkpoint, model, opt, sched, desc, scaler)
+        resumed = load_checkpoint(checkpoint, work, opt, sched, desc, scaler)
         if resumed is not None:
             start, losses = resumed
             log.info("%s: resuming at step %d of %d", desc, start, cfg.steps)
     if cfg.gradient_checkpointing:
-        _checkpointing(model, True)
-    model.train()
-    pmodel, opt = accelerator.prepare(model, opt)
+        _checkpointing(work, True)
+    work.train()
+    pmodel, opt = accelerator.prepare(work, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, leave=False,
@@ -206,13 +246,35 @@ def train(
             if accelerator.is_main_process:
                 save_checkpoint(checkpoint, accelerator.unwrap_model(pmodel), opt, sched, done, losses, scaler)
             accelerator.wait_for_everyone()
+    if fsdp:
+        _gather_into(pmodel, model)
     accelerator.free_memory()  # prepare() keeps references: without this every expert stays in memory
-    del pmodel, opt
+    del pmodel, opt, work
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
     model.to(load_dtype)
     model.eval()
     return losses
+
+
+def _check_sharding(accelerator) -> bool:
+    """Whether the launch shards the model (FSDP2); a sharding mergemix cannot train is a MergemixError."""
+    kind = accelerator.distributed_type.value
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise MergemixError(f"accelerate config: {kind} is not supported; use FSDP version 2 (accelerate launch "
+                            "--use_fsdp --fsdp_version 2) or data-parallel (accelerate launch --multi_gpu, torchrun)")
+    return kind == "FSDP"
+
+
+def _gather_into(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy the trained weights of an FSDP-sharded module into the unsharded `model` (cast to its dtype) on the
+    main process; a collective that every process joins. accelerate's `get_state_dict` asks torch to
+    broadcast from rank 0, which leaves CPU shards as DTensors, so torch's own gather is called directly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if full:  # the main process: full tensors on CPU; the others get an empty dict
+        model.load_state_dict(full)
 
 
 def _checkpointing(model: torch.nn.Module, on: bool) -> None:

@@ -1,44 +1,123 @@
-"""A real multi-process launch on CPU (accelerate launch, gloo): data-parallel experts."""
+"""Real multi-process launches on CPU (accelerate launch, gloo): data-parallel and FSDP2-sharded experts,
+and the report's mixture runs trained data-parallel."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+
+from tests.conftest import micro_recipe_dict
 
 pytestmark = pytest.mark.slow
 
+PORT = "29533"
+EXPERTS = ["-m", "mergemix", "experts"]
+# accelerate's --cpu launches one process unless mpirun is set up; --multi_gpu (and --use_fsdp) start
+# torch.distributed.run, which on a machine without CUDA (or with device: cpu in the recipe) trains on CPU
+LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", PORT]
+
 
 def _run(cmd: list[str]) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": PORT}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
 
-def test_two_process_expert_equals_one_process(micro_recipe_file: Path, tmp_path: Path) -> None:
-    """The same global batch split over 2 processes (each accumulating 2 micro-batches) gives the
-    1-process expert's weights to float rounding, and only the main process writes the expert."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    cmd = ["-m", "mergemix", "experts", str(micro_recipe_file)]
-    _run([sys.executable, *cmd, f"run_dir={one}", "--domain", "math"])
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    # accelerate's --cpu launches one process unless mpirun is set up; --multi_gpu starts torch.distributed.run,
-    # which on a machine without CUDA (or with device: cpu in the recipe) trains on CPU over gloo
-    log = _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-                *cmd, f"run_dir={two}", "experts.micro_batch_size=2", "--domain", "math"])
-    assert log.count("stage experts ...") == 2  # two processes ran the stage
-    assert log.count("expert math: 6 steps") == 1  # logged by the process that saves, after saving
-    files = sorted(p.name for p in (one / "experts" / "math").iterdir())
-    assert sorted(p.name for p in (two / "experts" / "math").iterdir()) == files
-    a = load_file(str(one / "experts" / "math" / "model.safetensors"))
-    b = load_file(str(two / "experts" / "math" / "model.safetensors"))
+@pytest.fixture(scope="module")
+def recipe_file(micro_data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One micro recipe for the module, so every launch reuses the demo base and packed data it cached."""
+    root = tmp_path_factory.mktemp("distributed")
+    path = root / "micro.yaml"
+    path.write_text(yaml.safe_dump(micro_recipe_dict(micro_data, root / "run", root / "cache")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(recipe_file: Path) -> Path:
+    """The math expert trained by one plain process, whole batches at once."""
+    run = recipe_file.parent / "one"
+    _run([sys.executable, *EXPERTS, str(recipe_file), f"run_dir={run}", "--domain", "math"])
+    return run / "experts" / "math"
+
+
+def _same_expert(expert: Path, reference: Path) -> None:
+    """Same files as the reference expert, and weights equal to float rounding."""
+    assert sorted(p.name for p in expert.iterdir()) == sorted(p.name for p in reference.iterdir())
+    a = load_file(str(reference / "model.safetensors"))
+    b = load_file(str(expert / "model.safetensors"))
     assert a.keys() == b.keys()
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_two_process_expert_equals_one_process(recipe_file: Path, one_process: Path) -> None:
+    """The same global batch split over 2 data-parallel processes (each accumulating 2 micro-batches) gives
+    the 1-process expert's weights to float rounding, and only the main process writes the expert."""
+    run = recipe_file.parent / "ddp"
+    log = _run([*LAUNCH, "--multi_gpu", *EXPERTS, str(recipe_file), f"run_dir={run}",
+                "experts.micro_batch_size=2", "--domain", "math"])
+    assert log.count("stage experts ...") == 2  # two processes ran the stage
+    assert log.count("expert math: 6 steps") == 1  # logged by the process that saves, after saving
+    _same_expert(run / "experts" / "math", one_process)
+
+
+def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) -> None:
+    """An FSDP2 full-shard launch (each process holds half of every weight, gradient and AdamW state;
+    2 micro-batches each) gives the 1-process expert to float rounding: the shards are gathered to the main
+    process, which alone writes the expert; resume checkpoints are refused in one line."""
+    run = recipe_file.parent / "fsdp"
+    log = _run([*LAUNCH, "--use_fsdp", "--fsdp_version", "2", *EXPERTS, str(recipe_file), f"run_dir={run}",
+                "experts.micro_batch_size=2", "--domain", "math"])
+    assert log.count("stage experts ...") == 2
+    assert log.count("expert math: 6 steps") == 1
+    assert log.count("no resume checkpoints under FSDP") == 2  # each process says it, and neither writes one
+    _same_expert(run / "experts" / "math", one_process)
+
+
+def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
+    """`report` under a 2-process launch trains each mixture run data-parallel: the main process alone
+    scores and writes each run's record, and the records equal those of a one-process report. The proposal
+    (experts, trials, proxies) is made once by the one-process report and reused by the launch."""
+    one, two = recipe_file.parent / "report_one", recipe_file.parent / "report_two"
+    report = ["report.mixtures=4", "report.seeds=1", "report.steps=4", "report.bootstrap=100",
+              "report.interference_batches=0"]
+    cmd = ["-m", "mergemix", "report", str(recipe_file), *report]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    assert log.count("mixture runs: 0 of 4 already done") == 2  # both processes train every mixture run
+    assert log.count("wrote ") == 1  # the main process alone reports
+    assert (two / "report" / "index.html").exists()
+    runs = {p.name: json.loads(p.read_text()) for p in (one / "report" / "runs").glob("*.json")}
+    assert len(runs) == 4
+    assert sorted(p.name for p in (two / "report" / "runs").iterdir()) == sorted(runs)  # no checkpoint left
+    for name, a in runs.items():
+        b = json.loads((two / "report" / "runs" / name).read_text())
+        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4)
+        for bench, scores in a["raw"].items():
+            for metric, value in scores.items():
+                assert b["raw"][bench][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, bench, metric)
+
+
+def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FSDP launch without --fsdp_version 2 (accelerate's default is version 1) is refused before
+    accelerate builds anything (on CPU it would raise a RuntimeError about missing devices)."""
+    from mergemix.errors import MergemixError
+    from mergemix.train import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(MergemixError, match="FSDP version 1 is not supported; use FSDP version 2"):
+        make_accelerator("cpu")

@@ -177,17 +177,46 @@ def test_merged_state_is_differentiable_in_alpha() -> None:
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_chunks_across_tensor_boundaries_give_the_reference_merge(monkeypatch: pytest.MonkeyPatch,
                                                                   method: str) -> None:
-    """Chunks of 97 entries straddle every tensor boundary; each tensor still equals the reference
+    """Steps of 96 entries share small tensors and cut large ones; each tensor still equals the reference
     per-tensor merge (mergekit's order of operations) bit for bit."""
     from mergemix.merge import inplace
     from mergemix.merge.methods import MERGE_METHODS, merge_tensor
 
-    monkeypatch.setattr(inplace, "CHUNK", 97)
+    monkeypatch.setattr(inplace, "CHUNK", 96)
+    monkeypatch.setattr(inplace, "ALIGN", 32)
     model, experts = _llama_pair()
     base = _params(model)
-    InPlaceMerger(model, experts, MergeSpec(method=method, density=0.3)).apply([0.2, 0.5, 0.3])
+    merger = InPlaceMerger(model, experts, MergeSpec(method=method, density=0.3))
+    assert any(len(c.dests) > 1 for g in merger.groups for c in g.chunks)
+    merger.apply([0.2, 0.5, 0.3])
     spec = MERGE_METHODS.get(method)
     for n, p in _params(model).items():
         taus = [experts[e][n] - base[n] for e in ("code", "math", "prose")]
         want = merge_tensor(spec, base[n], taus, torch.tensor([0.2, 0.5, 0.3]), density=0.3)
+        assert torch.equal(p, want), n
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_eight_experts_and_odd_sizes_give_the_reference_merge(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """With K ≥ 5 torch sums a tensor's last (numel mod 32) entries in another order than the rest; steps
+    keep every entry in the loop it has in the whole-tensor (mergekit) merge, so tensors of odd sizes cut
+    into steps and packed with others still equal it bit for bit."""
+    from mergemix.merge import inplace
+    from mergemix.merge.methods import MERGE_METHODS, merge_tensor
+
+    monkeypatch.setattr(inplace, "CHUNK", 1024)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Linear(29, 64), torch.nn.Linear(64, 75),
+                                torch.nn.Linear(75, 3))
+    base = _params(model)
+    g = torch.Generator().manual_seed(2)
+    experts = [{n: b + 10.0 ** (k % 5 - 2) * torch.randn(b.shape, generator=g) for n, b in base.items()}
+               for k in range(8)]
+    alpha = torch.linspace(-0.3, 0.9, 8)
+    merger = InPlaceMerger(model, experts, MergeSpec(method=method, density=0.5))
+    assert len(merger.groups) == 1 and len(merger.groups[0].chunks) > 4
+    merger.apply(alpha)
+    spec = MERGE_METHODS.get(method)
+    for n, p in _params(model).items():
+        want = merge_tensor(spec, base[n], [e[n] - base[n] for e in experts], alpha, density=0.5)
         assert torch.equal(p, want), n

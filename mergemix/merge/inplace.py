@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,7 +39,19 @@ log = logging.getLogger(__name__)
 
 Expert = Mapping[str, torch.Tensor] | LoraExpert
 Experts = Sequence[Expert] | Mapping[str, Expert]
-CHUNK = 1 << 16  # entries merged per step: K + 4 float32 buffers of 256 KiB stay in a core's cache
+CHUNK = 1 << 16  # entries merged per step: K + 2 float32 buffers of 256 KiB stay in a core's cache
+ALIGN = 256  # entries: steps inside a tensor start at multiples of this from its start (see _chunks)
+
+
+@dataclass
+class _Chunk:
+    """Entries s:e of a group merged in one step, and where they go: `dests`, slices of the parameters'
+    storage (flat) of `sizes` entries each, end to end."""
+
+    s: int
+    e: int
+    dests: list[torch.Tensor]
+    sizes: list[int]
 
 
 @dataclass
@@ -51,9 +63,58 @@ class _Group:
     numels: list[int]
     base: torch.Tensor  # flat, the model's dtype
     taus: torch.Tensor | None = None  # [rows, n] when resident (see InPlaceMerger.rows)
+    chunks: list[_Chunk] = field(default_factory=list)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [c.view(s) for c, s in zip(flat.split(self.numels), self.shapes, strict=True)]
+
+
+def _chunks(numels: Sequence[int], flats: Sequence[torch.Tensor], size: int) -> list[_Chunk]:
+    """Steps of at most about `size` entries over parameters laid end to end (`flats`: each one's storage).
+
+    torch sums over experts in one order in its vectorized loop and in another in the scalar loop that ends
+    a tensor (its last numel mod 32 entries on AVX-512, with K ≥ 5), so an entry gives mergekit's bits only
+    if it lies in the same loop in both: a step starts at a tensor's start or ALIGN entries after a step
+    start, and a tensor whose size is not a multiple of ALIGN ends its step. A tensor over `size` entries is
+    cut into steps of its own; smaller consecutive ones share one."""
+    size = max(ALIGN, size // ALIGN * ALIGN)
+    cuts: list[tuple[int, int]] = []  # (start, end) in the group
+    pos = start = 0  # start: where the open step begins
+    for numel in numels:
+        end = pos + numel
+        if numel > size:
+            if start < pos:
+                cuts.append((start, pos))
+            pieces = -(-numel // size)
+            step = -(-numel // (pieces * ALIGN)) * ALIGN
+            cuts.extend((b, min(b + step, end)) for b in range(pos, end, step))
+            start = end
+        else:
+            if end - start > size:
+                cuts.append((start, pos))
+                start = pos
+            if numel % ALIGN:
+                cuts.append((start, end))
+                start = end
+        pos = end
+    if start < pos:
+        cuts.append((start, pos))
+    ends = [0]
+    for numel in numels:
+        ends.append(ends[-1] + numel)
+    out, first = [], 0
+    for s, e in cuts:
+        while ends[first + 1] <= s:
+            first += 1
+        dests, sizes, i = [], [], first
+        while i < len(flats) and ends[i] < e:
+            lo, hi = max(s, ends[i]), min(e, ends[i + 1])
+            if hi > lo:
+                dests.append(flats[i][lo - ends[i]:hi - ends[i]])
+                sizes.append(hi - lo)
+            i += 1
+        out.append(_Chunk(s, e, dests, sizes))
+    return out
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +161,7 @@ class InPlaceMerger:
                 for name, f in self.experts[k].items():
                     self.factors.setdefault(name, []).append((k, f.to(device)))
         self.groups = self._plan()
+        self._work: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.base = {n: v for g in self.groups for n, v in zip(g.names, g.views(g.base), strict=True)}
         if not self.spec.stream:
             for g in self.groups:
@@ -123,7 +185,9 @@ class InPlaceMerger:
         for names in groups:
             ps = [self.params[n].detach() for n in names]
             base = torch.cat([p.reshape(-1) for p in ps]) if len(ps) > 1 else ps[0].reshape(-1).clone()
-            out.append(_Group(names, [p.shape for p in ps], [p.numel() for p in ps], base))
+            numels = [p.numel() for p in ps]
+            out.append(_Group(names, [p.shape for p in ps], numels, base,
+                              chunks=_chunks(numels, [p.view(-1) for p in ps], CHUNK)))
         return out
 
     def _storage(self, dtype: torch.dtype) -> torch.dtype:
@@ -196,33 +260,48 @@ class InPlaceMerger:
             raise ValueError(f"alpha has {tuple(a.shape)} entries, expected ({self.k},)")
         return a
 
+    def _buffers(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's working buffers in accumulation dtype `dtype`, kept between merges (a fresh buffer per
+        step would cost a page fault per 4 KiB): the weighted task vectors [rows, step] and their sum."""
+        key = (dtype, device)
+        if key not in self._work:
+            step = max((c.e - c.s for g in self.groups for c in g.chunks), default=0)
+            self._work[key] = (torch.empty((len(self.rows), step), dtype=dtype, device=device),
+                               torch.empty(step, dtype=dtype, device=device))
+        return self._work[key]
+
     @torch.no_grad()
     def apply(self, alpha: Sequence[float] | torch.Tensor) -> None:
         """Set the model to the merge with weights `alpha` (one per expert).
 
-        A group is merged CHUNK entries at a time, so the few intermediate buffers of a chunk stay in cache
-        and memory traffic is near the floor: read K task vectors and the base, write the parameters."""
+        A group is merged a chunk (CHUNK entries) at a time into preallocated buffers that stay in cache, so
+        memory traffic is near the floor (read K task vectors and the base, write the parameters) and every
+        entry sees mergekit's operations in mergekit's order: w_k τ_k for all k, their sum over k, the base
+        plus that sum."""
         a = self._alpha(alpha)
         for g in self.groups:
             taus = g.taus if g.taus is not None else self._task_vectors(g)
+            acc = _accumulator(g.base.dtype)
+            weights, mixed = self._buffers(acc, taus.device)
+            all_w = a.to(device=taus.device, dtype=acc).reshape(-1, 1)
+            w, total = all_w[self.rows], all_w.sum(dim=0)
+            consensus = self.spec.sign if self.method.consensus and not self.low_rank else None
             low = self._low_rank(g, a)
-            flat = [self.params[n].detach().view(-1) for n in g.names]
-            starts = [0]
-            for size in g.numels:
-                starts.append(starts[-1] + size)
-            first = 0  # the first parameter overlapping the chunk
-            for s in range(0, starts[-1], CHUNK):
-                e = min(s + CHUNK, starts[-1])
-                merged = self._merged(g, a, taus, low, s, e).to(g.base.dtype)
-                while starts[first + 1] <= s:
-                    first += 1
-                dests, sizes, i = [], [], first
-                while i < len(flat) and starts[i] < e:
-                    lo, hi = max(s, starts[i]), min(e, starts[i + 1])
-                    dests.append(flat[i][lo - starts[i]:hi - starts[i]])
-                    sizes.append(hi - lo)
-                    i += 1
-                torch._foreach_copy_(dests, list(merged.split(sizes)))
+            for c in g.chunks:
+                n = c.e - c.s
+                if consensus is not None:
+                    out = combine(taus[:, c.s:c.e].to(acc), all_w.view(-1), consensus, self.normalize,
+                                  self.spec.scale)
+                else:
+                    out = mixed[:n]
+                    torch.sum(torch.mul(taus[:, c.s:c.e], w, out=weights[:, :n]), dim=0, out=out)
+                    if low is not None:
+                        out += low[c.s:c.e]
+                    finish(out, total, self.normalize, self.spec.scale)
+                if len(c.dests) == 1:
+                    torch.add(g.base[c.s:c.e], out, out=c.dests[0])
+                else:
+                    torch._foreach_copy_(c.dests, list((g.base[c.s:c.e] + out).to(g.base.dtype).split(c.sizes)))
 
     def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Θ(α) as new tensors (name → tensor), differentiable in `alpha`: for gradient-based search with

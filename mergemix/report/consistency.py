@@ -38,12 +38,13 @@ from mergemix.report.interference import dominance_warnings, interference_gamma,
 from mergemix.report.metrics import agreement, finite, fmt, partial_spearman, spearman
 from mergemix.report.mixtures import Mixture, choose_mixtures, mixture_run, run_key
 from mergemix.report.targets import Target, targets
+from mergemix.search.surrogate import PRIOR_EPS
 from mergemix.search.trials import TrialLog, alpha_key
+from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
 
 LOW_CEILING = 0.5  # below this seed-to-seed ρ a target cannot rank mixtures, whatever the proxy
-PRIOR_EPS = 0.01
 
 
 @dataclass
@@ -77,24 +78,32 @@ class Consistency:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def rank_consistency(recipe: Recipe) -> Consistency:
+def rank_consistency(recipe: Recipe) -> Consistency | None:
     """Build the rank-consistency report of `recipe` in <run_dir>/report and return its numbers. Runs (or
-    reuses) the proposal first, then trains `report.mixtures` × `report.seeds` real models."""
+    reuses) the proposal first, then trains `report.mixtures` × `report.seeds` real models.
+
+    Under a multi-process launch (accelerate launch, torchrun) every process trains the experts and then each
+    mixture run data-parallel (or FSDP-sharded); the main process alone searches, merges, scores and writes,
+    while the others wait; they return None."""
     from mergemix.report.render import write_report
 
-    ws = start(recipe)
+    ws = start(recipe, distributed=True)
     proposed = run_proposal(ws)
-    assert proposed is not None  # start() refused a multi-process launch
+    process_state(recipe.device).wait_for_everyone()  # the main process has searched and written proposal.json
+    star = proposed.proposal.alpha_star if proposed else read_json(ws.run_dir / "proposal.json")["alpha_star"]
     assert ws.model is not None
-    report_dir = ws.run_dir / "report"
-    report_dir.mkdir(exist_ok=True)
     names = recipe.domain_names
     prior = general_probs(ws.blocks, names)
-    mixtures = choose_mixtures(recipe, prior, proposed.proposal.alpha_star)
-    with ws.timings.stage("proxies"):
-        proxies = _proxies(ws, proposed, mixtures)
+    mixtures = choose_mixtures(recipe, prior, star)
+    if proposed is not None:
+        (ws.run_dir / "report").mkdir(exist_ok=True)
+        with ws.timings.stage("proxies"):
+            proxies = _proxies(ws, proposed, mixtures)
     with ws.timings.stage("mixture runs"):
         runs = _truth(ws, proposed, mixtures)
+    if proposed is None:
+        return None
+    report_dir = ws.run_dir / "report"
     with ws.timings.stage("interference"):
         interference = _interference(ws, proposed)
     objective = proposed.search.objective
@@ -149,9 +158,10 @@ def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list
     return out
 
 
-def _truth(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[list[dict[str, Any]]]:
+def _truth(ws: Workspace, proposed: Proposed | None, mixtures: list[Mixture]) -> list[list[dict[str, Any]]]:
     """Records of the real mixture runs, [mixture][seed]; seed by seed, so a report stopped half-way
-    already holds one training of every mixture."""
+    already holds one training of every mixture. `proposed` is None on the processes other than the main one
+    of a multi-process launch: they train and get no records."""
     r = ws.recipe
     assert ws.model is not None
     bench_key = benchmark_key(r, ws)
@@ -162,7 +172,9 @@ def _truth(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[l
     log.info("mixture runs: %d of %d already done", done, len(jobs))
     runs: list[list[dict[str, Any]]] = [[{} for _ in range(r.report.seeds)] for _ in mixtures]
     for i, s in progress(jobs, desc="mixture runs", leave=False):
-        runs[i][s] = mixture_run(r, ws.model, ws.blocks, mixtures[i], s, keys[i, s], out_dir, proposed.evaluator)
+        record = mixture_run(r, ws.model, ws.blocks, mixtures[i], s, keys[i, s], out_dir,
+                             proposed.evaluator if proposed else None)
+        runs[i][s] = record or {}
     return runs
 
 

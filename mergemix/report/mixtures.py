@@ -88,15 +88,24 @@ def mixture_run(
     seed_index: int,
     key: str,
     out_dir: Path,
-    evaluate: Callable[[torch.nn.Module], dict[str, dict[str, float]]],
-) -> dict[str, Any]:
+    evaluate: Callable[[torch.nn.Module], dict[str, dict[str, float]]] | None,
+) -> dict[str, Any] | None:
     """Train (or reuse) one real model on `mixture` with seed number `seed_index`; return its record:
-    raw scores, tokens trained, final training loss."""
+    raw scores, tokens trained, final training loss.
+
+    Under a multi-process launch every process trains its rows of each batch (data-parallel or FSDP); the
+    main process alone scores the model (with `evaluate`, which the others need not have) and writes the
+    record; the others return None."""
     path = out_dir / f"{key}.json"
     checkpoint = out_dir / f"{key}.checkpoint.safetensors"
-    if path.exists():
-        remove_checkpoint(checkpoint)  # left by a kill between saving the result and cleaning up
-        return read_json(path)
+    accelerator = make_accelerator(recipe.device)
+    main = accelerator.is_main_process
+    done = path.exists()
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if done:
+        if main:
+            remove_checkpoint(checkpoint)  # left by a kill between saving the result and cleaning up
+        return read_json(path) if main else None
     names = recipe.domain_names
     e = recipe.experts
     steps = recipe.report.num_steps(e, recipe.data.seq_len)
@@ -108,20 +117,25 @@ def mixture_run(
     cfg = TrainConfig(steps=steps, lr=e.lr, warmup_steps=e.warmup_steps, schedule="constant",
                       weight_decay=e.weight_decay, betas=e.betas, checkpoint_every=e.checkpoint_every,
                       **e.train_fields())
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"{mixture.label} seed {seed_index}",
-                   accelerator=make_accelerator(recipe.device))
-    record = {
-        "key": key,
-        "label": mixture.label,
-        "alpha": mixture.alpha,
-        "seed_index": seed_index,
-        "steps": steps,
-        "tokens": steps * e.batch_size * recipe.data.seq_len,
-        "final_loss": round(float(np.mean(losses[-10:])), 5),
-        "raw": evaluate(model),
-    }
-    write_json(path, record)
-    remove_checkpoint(checkpoint)
+                   accelerator=accelerator)
+    record = None
+    if main:
+        assert evaluate is not None
+        record = {
+            "key": key,
+            "label": mixture.label,
+            "alpha": mixture.alpha,
+            "seed_index": seed_index,
+            "steps": steps,
+            "tokens": steps * e.batch_size * recipe.data.seq_len,
+            "final_loss": round(float(np.mean(losses[-10:])), 5),
+            "raw": evaluate(model),
+        }
+        write_json(path, record)
+        remove_checkpoint(checkpoint)
+    accelerator.wait_for_everyone()  # the record is on disk before any process looks for it
     del model
     return record

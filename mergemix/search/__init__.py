@@ -26,6 +26,7 @@ import numpy as np
 from mergemix.artifacts import stable_hash
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Objective
+from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.progress import progress
 from mergemix.recipe import Recipe
 from mergemix.search.feasible import Bounds
@@ -70,6 +71,7 @@ class SearchResult:
     star: Trial
     surrogate_loo_rmse: dict[str, float]
     predicted_star: float | None
+    ranked: list[Trial] = field(default_factory=list)  # feasible trials, best first by what α* maximizes
 
     def by_kind(self, kind: str) -> Trial:
         return next(t for t in self.trials if t.kind == kind)
@@ -85,8 +87,11 @@ def kl_divergence(alpha: np.ndarray, prior: np.ndarray) -> np.ndarray:
 def study_name(recipe: Recipe, strategy: str, eval_key: str, bounds: Bounds, level: Level | None = None) -> str:
     """The shared study of one search: same experts, benchmarks, objective, bounds, seed and strategy (a
     larger search.trials or timeout_s continues the same study), and the same stage of a hierarchical one."""
+    # the gradient strategy's own fields (search.gradient_*) are no part of an optuna study
+    own = {f for f in type(recipe.search).model_fields if f.startswith("gradient_")}
     key = stable_hash([eval_key, recipe.evaluation.model_dump(mode="json", exclude={"batch_size"}),
-                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials"}),
+                       recipe.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
+                                                                      "surrogate_prior", "verify_real", *own}),
                        bounds.lo.tolist(), bounds.hi.tolist(), recipe.seed, *([level.key()] if level else [])])
     return f"{recipe.name}-{strategy}-{key[:12]}" + (f"-{level.name}" if level else "")
 
@@ -99,13 +104,16 @@ def run_search(
     eval_key: str,
     bounds: Bounds | None = None,
     strategy: str | None = None,
+    *,
+    differentiable: GradientObjective | None = None,
     level: Level | None = None,
     tag: str = "",
 ) -> SearchResult:
     """Search the feasible set (`bounds`, default the whole simplex) with `strategy` (default
     search.strategy) for the α maximizing the objective minus search.kl_weight × KL(α ‖ token prior).
     `evaluate_alpha` merges and scores one α (all zeros: the base itself). The references are always scored
-    but α* is chosen among feasible points only.
+    but α* is chosen among feasible points only. `differentiable` estimates the objective differentiably in α
+    on the merged model (strategy gradient only; flat searches only, not a `level`).
 
     With `level` the strategy searches the level's units (groups) from the level's own seed points (its
     vertices, uniform, prior and draws: search.seeds of them, all in its budget) and every point is its lift;
@@ -190,7 +198,8 @@ def run_search(
     trials = [finish(t, objective) for t in refs]
 
     ctx = Context(recipe, level.bounds if level else bounds, level.prior if level else prior, objective,
-                  [] if level else list(trials), rest, unit_penalty, budget, storage, study, units)
+                  [] if level else list(trials), rest, unit_penalty, budget, storage, study, units,
+                  None if level else differentiable)
     strat = cls(ctx)
     listed = {alpha_key(t.alpha): t for t in trials}
     # What the strategy was told of: a level's strategy starts from nothing (the references are not points of
@@ -248,7 +257,7 @@ def run_search(
             trials.append(star)
     coords = star.point if level else star.alpha
     predicted = strat.predict(np.array([coords[u] for u in units])) if coords is not None else None
-    return SearchResult(base, trials, objective, star, strat.loo, predicted)
+    return SearchResult(base, trials, objective, star, strat.loo, predicted, ranked)
 
 
 def _shared_references(storage: str, name: str, references: list[tuple[str, str, dict[str, float]]],

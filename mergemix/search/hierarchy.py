@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from mergemix.errors import MergemixError
+from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.recipe import Recipe
 from mergemix.search import Raw, SearchResult, Trial, kl_divergence, run_search
 from mergemix.search.feasible import TOL, Bounds
@@ -127,15 +129,21 @@ def run_hierarchical(
     eval_key: str,
     bounds: Bounds | None = None,
     strategy: str | None = None,
+    differentiable: GradientObjective | None = None,
 ) -> SearchResult:
     """`run_search`, top-down when the recipe groups domains (mixture.groups, or mixture.reuse keeping the
-    earlier ratios); the result's trials are every stage's (flat α), its star the best feasible of them."""
+    earlier ratios); the result's trials are every stage's (flat α), its star the best feasible of them, its
+    ranking theirs merged. `differentiable` serves the gradient strategy, which searches flat shares only."""
     domains = recipe.domain_names
     bounds = bounds or recipe.mixture.bounds(domains)
     level = level_of(recipe, bounds, prior)
     if level is None:
-        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy)
+        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
+                          differentiable=differentiable)
     spec = recipe.search
+    if (strategy or spec.strategy) == "gradient":
+        raise MergemixError("search.strategy gradient searches flat shares: it does not take mixture.groups or "
+                            "mixture.reuse with keep: ratios; choose another strategy or drop the grouping")
     groups = {u: idx for u, idx in zip(level.units, level.members, strict=True) if u in recipe.mixture.groups}
     inner = {g: _free(bounds.subset(idx)) for g, idx in groups.items()}
     inner = {g: d for g, d in inner.items() if d > 0}
@@ -159,9 +167,10 @@ def run_hierarchical(
     results: list[SearchResult] = []
     if _free(level.bounds) > 0:
         results.append(run_search(stage(0, 0), evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
-                                  level, tag="groups:"))
+                                  level=level, tag="groups:"))
     elif not inner:  # nothing to search top-down
-        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy)
+        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
+                          differentiable=differentiable)
     # stage 1 has nothing to search when all groups but one are pinned: stage 2 starts from that point
     start = level.alpha(dict(zip(level.units, level.bounds.project(level.prior)[0].tolist(), strict=True)))
     best = results[0] if results else None
@@ -187,5 +196,6 @@ def run_hierarchical(
         for t in res.trials:
             trials.setdefault(alpha_key(t.alpha), t)
     log.info("hierarchical search: alpha* %s (groups %s)", best.star.alpha, level.shares(best.star.alpha))
+    ranked = {alpha_key(t.alpha): t for res in results for t in res.ranked}
     return SearchResult(results[0].base, list(trials.values()), results[0].objective, best.star,
-                        best.surrogate_loo_rmse, best.predicted_star)
+                        best.surrogate_loo_rmse, best.predicted_star, sorted(ranked.values(), key=lambda t: -score(t)))

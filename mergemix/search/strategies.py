@@ -7,6 +7,8 @@ and the same feasible seed points, asks for mixtures inside the feasible set, an
   search of the feasible set on the surrogates, the top candidates verified (the default).
 - `tpe`, `cmaes`, `gp`: optuna's samplers over the stick-breaking cube (mergemix.search.space), in a shared
   study (mergemix.search.study) that several workers can fill; the seeds are enqueued first.
+- `gradient`: Adam on the logits of α through the merged model's differentiable scores; the points along
+  the descent are verified (mergemix.search.gradient).
 - `grid`: every point of a regular simplex grid (K <= 3), projected into the feasible set: the reference
   optimum the others are measured against.
 """
@@ -25,11 +27,12 @@ from mergemix.registry import Registry
 from mergemix.search.feasible import Bounds
 from mergemix.search.seeds import simplex_candidates
 from mergemix.search.space import SimplexMap
-from mergemix.search.surrogate import SURROGATES, loo_rmse
+from mergemix.search.surrogate import PriorBasis, fit_with_prior, prior_basis
 from mergemix.search.trials import alpha_key
 
 if TYPE_CHECKING:
     from mergemix.evaluate import Objective
+    from mergemix.evaluate.differentiable import GradientObjective
     from mergemix.recipe import Recipe
     from mergemix.search import Trial
 
@@ -54,6 +57,7 @@ class Context:
     storage: str = ""  # RDB URL of the shared study
     study_name: str = ""
     domains: list[str] = field(default_factory=list)
+    differentiable: GradientObjective | None = None  # the objective, differentiable in α (strategy gradient)
 
 
 class Strategy:
@@ -125,12 +129,12 @@ class Surface(_Queue):
         ctx, spec = self.ctx, self.ctx.recipe.search
         groups = list(self.trials[0].capabilities)
         x = np.stack([t.vector(ctx.domains) for t in self.trials])
-        fit = SURROGATES.get(spec.surrogate)
         for g in groups:
             y = np.array([t.capabilities[g] for t in self.trials])
-            self.predictors[g] = fit(x, y, ctx.recipe.seed)
-            self.loo[g] = loo_rmse(fit, x, y, ctx.recipe.seed)  # the recipe guarantees >= K + 2 >= 4 points
-        log.info("surrogate (%s) leave-one-out RMSE: %s", spec.surrogate,
+            # the recipe guarantees >= K + 2 >= 4 points
+            self.predictors[g], self.loo[g] = fit_with_prior(spec.surrogate, spec.surrogate_prior, x, y,
+                                                             ctx.recipe.seed, self._basis(g))
+        log.info("surrogate (%s, prior %s) leave-one-out RMSE: %s", spec.surrogate, spec.surrogate_prior,
                  ", ".join(f"{g} {v:.3f}" for g, v in self.loo.items()))
         cand = simplex_candidates(ctx.prior, spec.candidates, spec.concentration, ctx.recipe.seed)
         if not ctx.bounds.unconstrained:
@@ -145,6 +149,16 @@ class Surface(_Queue):
             if all(np.abs(point - c).sum() > 0.05 for c in [*chosen, *x]):
                 chosen.append(point)
         return [(f"verify-{j}", "verify", as_alpha(ctx.domains, p)) for j, p in enumerate(chosen)]
+
+    def _basis(self, group: str) -> PriorBasis | None:
+        """The no-merge predictors of `group` for search.surrogate_prior; None when it is `none`, or in a stage
+        of a hierarchical search (its units are groups of domains, which have no expert of their own)."""
+        ctx = self.ctx
+        vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in ctx.references if t.kind == "vertex"}
+        if ctx.recipe.search.surrogate_prior == "none" or not set(ctx.domains) <= set(vertices):
+            return None
+        return prior_basis(group, np.array([vertices[d].capabilities[group] for d in ctx.domains]), ctx.prior,
+                           [(b.capability, b.domain) for b in ctx.recipe.evaluation.benchmarks], ctx.domains)
 
     def _predict(self, points: np.ndarray) -> np.ndarray:
         groups = list(self.predictors)
@@ -254,3 +268,6 @@ class GP(_Optuna):
         import optuna
 
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=0)
+
+
+from mergemix.search import gradient as _gradient  # noqa: E402, F401  (registers strategy gradient)
