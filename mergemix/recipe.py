@@ -791,6 +791,9 @@ class Recipe(_Model):
             if m.reuse.keep == "ratios" and REUSED in names | set(m.groups):
                 raise ValueError(f"mixture.reuse: {REUSED!r} names the group of the reused domains; rename the "
                                  f"domain or group called {REUSED}")
+        if self.search.strategy == "gradient" and len(m.units(self.domain_names)) < len(names):
+            raise ValueError("search.strategy gradient searches flat shares: it does not take mixture.groups or "
+                             "mixture.reuse with keep: ratios; choose another strategy or drop the grouping")
         if self.search.strategy == "grid":
             pinned = set(m.pinned) | set(m.reused_pins(self.domain_names))
             units = m.units(self.domain_names)

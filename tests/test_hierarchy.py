@@ -214,6 +214,12 @@ def test_grid_counts_the_domains_of_each_stage(micro_data: dict[str, Any], tmp_p
         recipe_from_dict(raw)
 
 
+def test_gradient_is_refused_with_groups_at_validation(micro_data: dict[str, Any], tmp_path: Path) -> None:
+    raw = _raw(micro_data, tmp_path, groups=GROUPS) | {"search": {"strategy": "gradient", "seeds": 8}}
+    with pytest.raises(Exception, match="search.strategy gradient searches flat shares"):
+        recipe_from_dict(raw)
+
+
 def _earlier(tmp_path: Path, alpha: dict[str, float]) -> Path:
     path = tmp_path / "earlier" / "proposal.json"
     path.parent.mkdir(exist_ok=True)

@@ -190,7 +190,8 @@ def run_hierarchical(
         if best is None or score(res.star) > score(best.star):
             best = res
     if best is None:  # every stage was left one point by the bounds: the flat search handles that case
-        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy)
+        return run_search(recipe, evaluate_alpha, prior, log_path, eval_key, bounds, strategy,
+                          differentiable=differentiable)
     trials: dict[Any, Trial] = {}
     for res in results:
         for t in res.trials:
