@@ -182,7 +182,7 @@ def test_chunks_across_tensor_boundaries_give_the_reference_merge(monkeypatch: p
     from mergemix.merge import inplace
     from mergemix.merge.methods import MERGE_METHODS, merge_tensor
 
-    monkeypatch.setattr(inplace, "CHUNK", 96)
+    monkeypatch.setattr(inplace, "CHUNK", 3 * 96)
     monkeypatch.setattr(inplace, "ALIGN", 32)
     model, experts = _llama_pair()
     base = _params(model)
@@ -204,7 +204,7 @@ def test_eight_experts_and_odd_sizes_give_the_reference_merge(monkeypatch: pytes
     from mergemix.merge import inplace
     from mergemix.merge.methods import MERGE_METHODS, merge_tensor
 
-    monkeypatch.setattr(inplace, "CHUNK", 1024)
+    monkeypatch.setattr(inplace, "CHUNK", 8 * 1024)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Linear(29, 64), torch.nn.Linear(64, 75),
                                 torch.nn.Linear(75, 3))

@@ -1,8 +1,8 @@
 """One resident model whose parameters are overwritten with Θ(α) for each trial.
 
-Parameters are merged in groups: the tensors of a group are laid end to end in one flat buffer, so a merge
-is a few large tensor operations per group (the weighted sum over K, a sign election for TIES) instead of a
-Python loop per tensor. What is kept, per parameter:
+Parameters are merged in groups: the tensors of a group are laid end to end in one flat buffer, merged in
+steps of about CHUNK / K entries (a few tensor operations each into buffers that stay in cache, written
+straight into the parameters) instead of a Python loop per tensor. What is kept, per parameter:
 
 - the base: one copy in the model's dtype (the parameters themselves are overwritten by every merge);
 - the K task vectors τ_k = Θ_k − Θ_base, already sparsified for TIES/DARE, in the model's dtype or float32
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 Expert = Mapping[str, torch.Tensor] | LoraExpert
 Experts = Sequence[Expert] | Mapping[str, Expert]
-CHUNK = 1 << 16  # entries merged per step: K + 2 float32 buffers of 256 KiB stay in a core's cache
+CHUNK = 1 << 20  # weighted task-vector entries per step (K × step): 4 MiB of float32, held in cache
 ALIGN = 256  # entries: steps inside a tensor start at multiples of this from its start (see _chunks)
 
 
@@ -187,7 +187,7 @@ class InPlaceMerger:
             base = torch.cat([p.reshape(-1) for p in ps]) if len(ps) > 1 else ps[0].reshape(-1).clone()
             numels = [p.numel() for p in ps]
             out.append(_Group(names, [p.shape for p in ps], numels, base,
-                              chunks=_chunks(numels, [p.view(-1) for p in ps], CHUNK)))
+                              chunks=_chunks(numels, [p.view(-1) for p in ps], CHUNK // max(1, len(self.rows)))))
         return out
 
     def _storage(self, dtype: torch.dtype) -> torch.dtype:
@@ -274,8 +274,8 @@ class InPlaceMerger:
     def apply(self, alpha: Sequence[float] | torch.Tensor) -> None:
         """Set the model to the merge with weights `alpha` (one per expert).
 
-        A group is merged a chunk (CHUNK entries) at a time into preallocated buffers that stay in cache, so
-        memory traffic is near the floor (read K task vectors and the base, write the parameters) and every
+        A group is merged a step (CHUNK / K entries) at a time into preallocated buffers that stay in cache, so
+        memory sees one read of the K task vectors and the base and one write of the parameters, and every
         entry sees mergekit's operations in mergekit's order: w_k τ_k for all k, their sum over k, the base
         plus that sum."""
         a = self._alpha(alpha)
