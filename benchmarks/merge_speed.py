@@ -113,7 +113,7 @@ class _AnonPeak:
 
 def _merger(root: Path, mode: str):  # noqa: ANN202 (an InPlaceMerger, imported late)
     from mergemix.merge import InPlaceMerger
-    from mergemix.merge.lazy import SafetensorsState
+    from mergemix.merge.lazy import SafetensorsState, checkpoint_state
     from mergemix.merge.lora import LoraExpert
     from mergemix.recipe import MergeSpec
 
@@ -124,7 +124,8 @@ def _merger(root: Path, mode: str):  # noqa: ANN202 (an InPlaceMerger, imported 
         experts = {f"l{k}": LoraExpert(root / f"l{k}") for k in range(K)}
     if dtype != "float32":  # experts of the model's dtype, as a bf16 run trains them
         experts = {name: {t: v.to(getattr(torch, dtype)) for t, v in s.items()} for name, s in experts.items()}
-    return lambda: InPlaceMerger(model, experts, MergeSpec(stream=stream, memory_mb=64)), model
+    base_files = checkpoint_state(root / "base") if stream else None  # Θ_base read from its file, not copied
+    return lambda: InPlaceMerger(model, experts, MergeSpec(stream=stream, memory_mb=64), base_files=base_files), model
 
 
 def _lora_share(model: torch.nn.Module) -> float:
