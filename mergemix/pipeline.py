@@ -25,6 +25,7 @@ from mergemix.evaluate import Evaluator, read_benchmarks
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
+from mergemix.merge.lazy import checkpoint_state
 from mergemix.mixture import available_tokens, check_cap, to_mixture
 from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
 from mergemix.progress import progress
@@ -254,7 +255,9 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, 
     with ws.timings.stage("search"):
         evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                               ws.cache_dir, ws.benchmark_data)
-        merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed)
+        base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
+        merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed,
+                               base_files)
         names = recipe.domain_names
 
         def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -126,6 +126,40 @@ def test_streamed_merge_equals_resident_exactly(tmp_path: Path, method: str) -> 
         assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_streamed_merge_reads_the_base_from_its_file_instead_of_a_copy(tmp_path: Path) -> None:
+    """With the base's own file, a streamed merger keeps no copy of Θ_base (it reads it for every merge) and
+    gives the resident merge's bits; a tensor whose saved values differ from the model's keeps its copy."""
+    from mergemix.merge.lazy import SafetensorsState, checkpoint_state
+
+    model, experts = _llama_pair()
+    model.save_pretrained(tmp_path / "base")
+    base_file = checkpoint_state(tmp_path / "base")
+    assert base_file is not None and checkpoint_state(tmp_path) is None
+    for name, state in experts.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    files = {n: SafetensorsState(tmp_path / f"{n}.safetensors") for n in experts}
+    before = _params(model)
+    resident = InPlaceMerger(model, experts, MergeSpec(method="ties", density=0.4))
+    spec = MergeSpec(method="ties", density=0.4, stream=True, memory_mb=0.01)
+    streamed = InPlaceMerger(model, files, spec, base_files=base_file)
+    assert len(streamed.groups) > 1 and all(g.base is None for g in streamed.groups)
+    changed = {**before, "model.norm.weight": before["model.norm.weight"] + 1}
+    save_file(changed, str(tmp_path / "changed.safetensors"))
+    partly = InPlaceMerger(model, files, spec, base_files=SafetensorsState(tmp_path / "changed.safetensors"))
+    kept = [g.names for g in partly.groups if g.base is not None]
+    assert ["model.norm.weight"] in kept or any("model.norm.weight" in names for names in kept)
+    assert len(kept) < len(partly.groups)
+    for alpha in ([0.2, 0.5, 0.3], [0.6, -0.1, 0.5]):
+        resident.apply(alpha)
+        want = _params(model)
+        for merger in (streamed, partly):
+            merger.restore()
+            assert all(torch.equal(p, before[n]) for n, p in _params(model).items())
+            merger.apply(alpha)
+            assert all(torch.equal(p, want[n]) for n, p in _params(model).items())
+    assert all(torch.equal(streamed.base[n], before[n]) for n in before)
+
+
 def test_dare_draws_follow_the_seed_and_not_the_expert_order() -> None:
     model, experts = _llama_pair()
     spec = MergeSpec(method="dare_linear", density=0.5)
@@ -182,7 +216,7 @@ def test_chunks_across_tensor_boundaries_give_the_reference_merge(monkeypatch: p
     from mergemix.merge import inplace
     from mergemix.merge.methods import MERGE_METHODS, merge_tensor
 
-    monkeypatch.setattr(inplace, "CHUNK", 96)
+    monkeypatch.setattr(inplace, "CHUNK", 3 * 96)
     monkeypatch.setattr(inplace, "ALIGN", 32)
     model, experts = _llama_pair()
     base = _params(model)
@@ -204,7 +238,7 @@ def test_eight_experts_and_odd_sizes_give_the_reference_merge(monkeypatch: pytes
     from mergemix.merge import inplace
     from mergemix.merge.methods import MERGE_METHODS, merge_tensor
 
-    monkeypatch.setattr(inplace, "CHUNK", 1024)
+    monkeypatch.setattr(inplace, "CHUNK", 8 * 1024)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Linear(29, 64), torch.nn.Linear(64, 75),
                                 torch.nn.Linear(75, 3))

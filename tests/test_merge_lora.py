@@ -168,3 +168,33 @@ def test_report_cosines_of_lora_experts_equal_those_of_their_merged_weights(
     want = task_vector_cosines(before, merged)
     assert abs(want[0, 1]) > 1e-3  # the adapters share q and v
     np.testing.assert_allclose(task_vector_cosines(before, applied), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_mergekit_merges_the_exported_lora_references_the_same(adapters: tuple[torch.nn.Module, dict[str, Path]],
+                                                              tmp_path: Path, method: str) -> None:
+    """What `mergemix export` writes for LoRA experts (BASE+ADAPTER) runs in mergekit (given a LoRA merge
+    cache) and gives the merger's weights: mergekit merges each adapter into the base with peft, so its task
+    vector is (Θ_base + s B A) − Θ_base, equal to s B A up to rounding."""
+    pytest.importorskip("mergekit", reason="mergekit is a test extra: pip install 'mergemix[test]'")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors.torch import load_file as load
+
+    from mergemix.merge.export import mergekit_config, mergekit_model
+
+    base, dirs = adapters
+    base.save_pretrained(tmp_path / "base")
+    spec = MergeSpec(method=method, density=0.5)
+    alpha = {"a": 0.7, "b": 0.6}
+    models = {n: mergekit_model(tmp_path / "base", d, lora=True) for n, d in dirs.items()}
+    config = mergekit_config(spec, tmp_path / "base", models, alpha, "float32")
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mk"),
+              MergeOptions(lora_merge_cache=str(tmp_path / "cache"), copy_tokenizer=False, write_model_card=False))
+    theirs = load(str(tmp_path / "mk" / "model.safetensors"))
+    before = _params(base)
+    InPlaceMerger(base, {n: LoraExpert(d) for n, d in dirs.items()}, spec).apply(list(alpha.values()))
+    mine = _params(base)
+    assert set(theirs) <= set(mine) and any(not torch.equal(t, before[n]) for n, t in theirs.items())
+    for n, t in theirs.items():
+        torch.testing.assert_close(mine[n], t, rtol=0, atol=1e-6)

@@ -73,6 +73,21 @@ def parse_alpha(text: str, recipe: Recipe) -> dict[str, float]:
     return alpha
 
 
+LORA_NOTE = ("# LoRA experts are BASE+ADAPTER: mergekit merges each adapter into the base first, which needs a\n"
+             "# cache directory: mergekit-yaml mergekit.yaml OUT --lora-merge-cache CACHE_DIR\n")
+
+
+def mergekit_model(base: Path, folder: Path, lora: bool) -> str:
+    """How mergekit names an expert: its directory (given the base's config.json, which mergekit reads from
+    it; training saves only weights), or for a peft LoRA adapter `BASE+ADAPTER`, which mergekit merges into
+    the base with peft before merging models."""
+    if lora:
+        return f"{base}+{folder}"
+    if not (folder / "config.json").exists():
+        shutil.copyfile(base / "config.json", folder / "config.json")
+    return str(folder)
+
+
 def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, str], alpha: dict[str, float],
                     dtype: str) -> dict:
     """The mergekit (0.1.5) configuration of the same merge: method, weights, density and flags."""
@@ -120,16 +135,11 @@ def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | P
     states = {d: e.state() for d, e in experts.items()}
     InPlaceMerger(ws.model, states, recipe.merge, recipe.seed).apply([alpha[d] for d in recipe.domain_names])
     base = Path(ws.base_path).resolve()
-    models = {}
-    for d, folder in dirs.items():
-        if experts[d].manifest.get("kind") == LORA:  # mergekit applies an adapter to a model as MODEL+LORA
-            models[d] = f"{base}+{folder}"
-            continue
-        models[d] = str(folder)
-        if not (folder / "config.json").exists():  # mergekit reads a model from a directory with its config
-            shutil.copyfile(base / "config.json", folder / "config.json")
+    models = {d: mergekit_model(base, folder, experts[d].manifest.get("kind") == LORA) for d, folder in dirs.items()}
     config = mergekit_config(recipe.merge, base, models, alpha, recipe.base.dtype)
     note = "" if recipe.merge.sign == "sum" else "# mergekit 0.1.5 elects signs by sum; this run used count\n"
+    if any("+" in m for m in models.values()):
+        note += LORA_NOTE
     if target.exists() and any(target.iterdir()):
         raise MergemixError(f"{target}: exists and is not empty; remove it or give another --out")
     info = {"alpha": alpha, "merge": recipe.merge.model_dump(mode="json"), "experts": keys}

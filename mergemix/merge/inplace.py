@@ -1,17 +1,19 @@
 """One resident model whose parameters are overwritten with Θ(α) for each trial.
 
-Parameters are merged in groups: the tensors of a group are laid end to end in one flat buffer, so a merge
-is a few large tensor operations per group (the weighted sum over K, a sign election for TIES) instead of a
-Python loop per tensor. What is kept, per parameter:
+Parameters are merged in groups: the tensors of a group are laid end to end in one flat buffer, merged in
+steps of about CHUNK / K entries (a few tensor operations each into buffers that stay in cache, written
+straight into the parameters) instead of a Python loop per tensor. What is kept, per parameter:
 
-- the base: one copy in the model's dtype (the parameters themselves are overwritten by every merge);
+- the base: one copy in the model's dtype (the parameters themselves are overwritten by every merge), or,
+  streamed with `base_files`, nothing: Θ_base is read from the base's own memory-mapped files;
 - the K task vectors τ_k = Θ_k − Θ_base, already sparsified for TIES/DARE, in the model's dtype or float32
   (`merge.task_vectors`), as one [K, n] buffer per group; or nothing with `merge.stream`, where each merge
   reads the experts' tensors group by group from their memory-mapped safetensors files.
 
 Sums accumulate in float32 (float64 for float64 parameters) whatever the storage. Streamed and resident
 merges compute every tensor the same way, so they give the same bits. For the fp32 demo model, resident
-memory is 4 (K + 1) bytes per parameter plus one group's working buffers (`merge.memory_mb`).
+memory is 4 (K + 1) bytes per parameter, streamed memory 4 (0 with `base_files`), plus one group's working
+buffers (`merge.memory_mb`).
 
 LoRA experts (mergemix.merge.lora) keep only their factors. A linear merge adds Σ α_k s_k B_k A_k, formed one
 weight at a time from the factors, to the full experts' weighted sum, so their task vectors never exist; a
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 Expert = Mapping[str, torch.Tensor] | LoraExpert
 Experts = Sequence[Expert] | Mapping[str, Expert]
-CHUNK = 1 << 16  # entries merged per step: K + 2 float32 buffers of 256 KiB stay in a core's cache
+CHUNK = 1 << 20  # weighted task-vector entries per step (K × step): 4 MiB of float32, held in cache
 ALIGN = 256  # entries: steps inside a tensor start at multiples of this from its start (see _chunks)
 
 
@@ -61,7 +63,7 @@ class _Group:
     names: list[str]
     shapes: list[torch.Size]
     numels: list[int]
-    base: torch.Tensor  # flat, the model's dtype
+    base: torch.Tensor | None  # flat, the model's dtype; None when read from the base's files (`base_files`)
     taus: torch.Tensor | None = None  # [rows, n] when resident (see InPlaceMerger.rows)
     chunks: list[_Chunk] = field(default_factory=list)
 
@@ -129,10 +131,13 @@ class InPlaceMerger:
     an expert does not carry or adapt are taken from the base (their task vector is zero). An expert tensor the base lacks, or of another
     shape or dtype, is a MergemixError naming the expert and the tensor, raised before anything is computed.
     `spec` is the recipe's merge section (or just a method name); `seed` seeds DARE's drops, drawn once per
-    expert and tensor, so every trial sees the same sparsified task vectors.
+    expert and tensor, so every trial sees the same sparsified task vectors. `base_files`: the base's tensors as
+    saved (e.g. a SafetensorsState over its checkpoint); with `merge.stream`, Θ_base is read from them for each
+    merge instead of kept as a copy, for every group whose saved tensors equal the parameters (checked here).
     """
 
-    def __init__(self, model: torch.nn.Module, experts: Experts, spec: MergeSpec | str = "linear", seed: int = 0):
+    def __init__(self, model: torch.nn.Module, experts: Experts, spec: MergeSpec | str = "linear", seed: int = 0,
+                 base_files: Mapping[str, torch.Tensor] | None = None):
         self.model = model
         self.spec = MergeSpec(method=spec) if isinstance(spec, str) else spec
         self.method = MERGE_METHODS.get(self.spec.method)
@@ -160,12 +165,12 @@ class InPlaceMerger:
             for k in loras:
                 for name, f in self.experts[k].items():
                     self.factors.setdefault(name, []).append((k, f.to(device)))
+        self.base_files = base_files if self.spec.stream else None
         self.groups = self._plan()
         self._work: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.base = {n: v for g in self.groups for n, v in zip(g.names, g.views(g.base), strict=True)}
         if not self.spec.stream:
             for g in self.groups:
-                g.taus = self._task_vectors(g)
+                g.taus = self._task_vectors(g, self._base(g))
             self.experts = []  # nothing read from them again
 
     def _plan(self) -> list[_Group]:
@@ -184,19 +189,46 @@ class InPlaceMerger:
         out = []
         for names in groups:
             ps = [self.params[n].detach() for n in names]
-            base = torch.cat([p.reshape(-1) for p in ps]) if len(ps) > 1 else ps[0].reshape(-1).clone()
             numels = [p.numel() for p in ps]
+            base = None if self._saved(names) else torch.cat([p.reshape(-1) for p in ps])
             out.append(_Group(names, [p.shape for p in ps], numels, base,
-                              chunks=_chunks(numels, [p.view(-1) for p in ps], CHUNK)))
+                              chunks=_chunks(numels, [p.view(-1) for p in ps], CHUNK // max(1, len(self.rows)))))
         return out
+
+    def _saved(self, names: Sequence[str]) -> bool:
+        """Whether the base's files (`base_files`, streamed merges only) hold exactly these parameters (cast to
+        their dtype), so that Θ_base can be read from them for every merge instead of kept as a copy."""
+        if self.base_files is None:
+            return False
+        for n in names:
+            p = self.params[n].detach()
+            if n not in self.base_files or not torch.equal(self._read(n), p):
+                log.info("%s differs from the base's file: the merger keeps a copy of its group", n)
+                return False
+        return True
+
+    def _read(self, name: str) -> torch.Tensor:
+        assert self.base_files is not None
+        p = self.params[name]
+        return self.base_files[name].to(device=p.device, dtype=p.dtype)
+
+    def _base(self, g: _Group) -> torch.Tensor:
+        """Θ_base of group `g`, flat: the copy, or read from the base's files."""
+        if g.base is not None:
+            return g.base
+        return torch.cat([self._read(n).reshape(-1) for n in g.names])
+
+    @property
+    def base(self) -> dict[str, torch.Tensor]:
+        """name → Θ_base (views of the copies; read from the base's files where the merger keeps none)."""
+        return {n: v for g in self.groups for n, v in zip(g.names, g.views(self._base(g)), strict=True)}
 
     def _storage(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if self.spec.task_vectors == "float32" else dtype
 
-    def _task_vectors(self, g: _Group) -> torch.Tensor:
-        """[rows, n] sparsified task vectors of group `g` in the storage dtype, from the experts' tensors (a
-        LoRA expert's: s B A, formed per tensor)."""
-        base = g.base
+    def _task_vectors(self, g: _Group, base: torch.Tensor) -> torch.Tensor:
+        """[rows, n] sparsified task vectors of group `g` (Θ_base flat: `base`) in the storage dtype, from the
+        experts' tensors (a LoRA expert's: s B A, formed per tensor)."""
         acc = _accumulator(base.dtype)
         out = torch.empty((len(self.rows), base.numel()), dtype=self._storage(base.dtype), device=base.device)
         bases = g.views(base)
@@ -222,37 +254,37 @@ class InPlaceMerger:
         seed = int(stable_hash([self.seed, self.expert_names[k], name]), 16)
         return torch.Generator(device=like.device).manual_seed(seed)
 
-    def _low_rank(self, g: _Group, a: torch.Tensor) -> torch.Tensor | None:
+    def _low_rank(self, g: _Group, base: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
         """Σ α_k s_k B_k A_k of the LoRA experts over group `g`, flat in the accumulation dtype (zero on
         weights no adapter touches); None when no adapter touches the group. One weight at a time: one
         matmul of the factors side by side."""
         if not any(name in self.factors for name in g.names):
             return None
-        acc = _accumulator(g.base.dtype)
-        a = a.to(device=g.base.device, dtype=acc)
+        acc = _accumulator(base.dtype)
+        a = a.to(device=base.device, dtype=acc)
         parts = []
         for name, numel in zip(g.names, g.numels, strict=True):
             if name in self.factors:
                 ks, fs = zip(*self.factors[name], strict=True)
                 parts.append(weighted_delta(fs, a[list(ks)], acc).reshape(-1))
             else:
-                parts.append(torch.zeros(numel, dtype=acc, device=g.base.device))
+                parts.append(torch.zeros(numel, dtype=acc, device=base.device))
         return torch.cat(parts)
 
-    def _merged(self, g: _Group, a: torch.Tensor, taus: torch.Tensor, low: torch.Tensor | None = None, s: int = 0,
-                e: int | None = None) -> torch.Tensor:
-        """Θ(α) of the group's entries s:e, in the accumulation dtype; `low` is `_low_rank`'s sum."""
-        acc = _accumulator(g.base.dtype)
+    def _merged(self, base: torch.Tensor, a: torch.Tensor, taus: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+        """Θ(α) of a group (Θ_base flat: `base`) in the accumulation dtype, in one piece and differentiable in
+        `a`; `low` is `_low_rank`'s sum."""
+        acc = _accumulator(base.dtype)
         a = a.to(device=taus.device, dtype=acc)
         if not self.low_rank:
-            mixed = combine(taus[:, s:e].to(acc), a, self.spec.sign if self.method.consensus else None,
+            mixed = combine(taus.to(acc), a, self.spec.sign if self.method.consensus else None,
                             self.normalize, self.spec.scale)
         else:
-            mixed = combine(taus[:, s:e].to(acc), a[self.rows])
+            mixed = combine(taus.to(acc), a[self.rows])
             if low is not None:
-                mixed = mixed + low[s:e]
+                mixed = mixed + low
             mixed = finish(mixed, a.sum(), self.normalize, self.spec.scale)
-        return g.base[s:e].to(acc) + mixed
+        return base.to(acc) + mixed
 
     def _alpha(self, alpha: Sequence[float] | torch.Tensor) -> torch.Tensor:
         a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(list(alpha), dtype=torch.float32)
@@ -274,19 +306,20 @@ class InPlaceMerger:
     def apply(self, alpha: Sequence[float] | torch.Tensor) -> None:
         """Set the model to the merge with weights `alpha` (one per expert).
 
-        A group is merged a chunk (CHUNK entries) at a time into preallocated buffers that stay in cache, so
-        memory traffic is near the floor (read K task vectors and the base, write the parameters) and every
+        A group is merged a step (CHUNK / K entries) at a time into preallocated buffers that stay in cache, so
+        memory sees one read of the K task vectors and the base and one write of the parameters, and every
         entry sees mergekit's operations in mergekit's order: w_k τ_k for all k, their sum over k, the base
         plus that sum."""
         a = self._alpha(alpha)
         for g in self.groups:
-            taus = g.taus if g.taus is not None else self._task_vectors(g)
-            acc = _accumulator(g.base.dtype)
+            base = self._base(g)
+            taus = g.taus if g.taus is not None else self._task_vectors(g, base)
+            acc = _accumulator(base.dtype)
             weights, mixed = self._buffers(acc, taus.device)
             all_w = a.to(device=taus.device, dtype=acc).reshape(-1, 1)
             w, total = all_w[self.rows], all_w.sum(dim=0)
             consensus = self.spec.sign if self.method.consensus and not self.low_rank else None
-            low = self._low_rank(g, a)
+            low = self._low_rank(g, base, a)
             for c in g.chunks:
                 n = c.e - c.s
                 if consensus is not None:
@@ -299,9 +332,9 @@ class InPlaceMerger:
                         out += low[c.s:c.e]
                     finish(out, total, self.normalize, self.spec.scale)
                 if len(c.dests) == 1:
-                    torch.add(g.base[c.s:c.e], out, out=c.dests[0])
+                    torch.add(base[c.s:c.e], out, out=c.dests[0])
                 else:
-                    torch._foreach_copy_(c.dests, list((g.base[c.s:c.e] + out).to(g.base.dtype).split(c.sizes)))
+                    torch._foreach_copy_(c.dests, list((base[c.s:c.e] + out).to(base.dtype).split(c.sizes)))
 
     def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Θ(α) as new tensors (name → tensor), differentiable in `alpha`: for gradient-based search with
@@ -309,12 +342,13 @@ class InPlaceMerger:
         a = self._alpha(alpha)
         out = {}
         for g in self.groups:
-            taus = g.taus if g.taus is not None else self._task_vectors(g)
-            out.update(zip(g.names, g.views(self._merged(g, a, taus, self._low_rank(g, a))), strict=True))
+            base = self._base(g)
+            taus = g.taus if g.taus is not None else self._task_vectors(g, base)
+            out.update(zip(g.names, g.views(self._merged(base, a, taus, self._low_rank(g, base, a))), strict=True))
         return out
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the base weights back."""
         for g in self.groups:
-            torch._foreach_copy_([self.params[n] for n in g.names], g.views(g.base))
+            torch._foreach_copy_([self.params[n] for n in g.names], g.views(self._base(g)))

@@ -38,3 +38,10 @@ class SafetensorsState(Mapping[str, torch.Tensor]):
 
     def __contains__(self, name: object) -> bool:
         return name in self.specs
+
+
+def checkpoint_state(directory: str | Path) -> SafetensorsState | None:
+    """The weights of a Hugging Face checkpoint directory (model.safetensors or its shards) read on access, or
+    None when it holds no safetensors file."""
+    files = sorted(Path(directory).glob("model*.safetensors"))
+    return SafetensorsState(files) if files else None
