@@ -206,6 +206,7 @@ def propose(recipe: Recipe) -> Proposal | None:
 
     Under a multi-process launch every process trains the experts data-parallel; the main process then
     searches and returns the proposal, the others return None as soon as the experts are saved."""
+    check_verify_real_launch(recipe)
     ws = start(recipe, distributed=True)
     proposed = run_proposal(ws)
     return proposed.proposal if proposed else None
@@ -221,6 +222,16 @@ def train_experts_only(recipe: Recipe, domains: Sequence[str] | None = None) -> 
     ws = start(recipe, distributed=True)
     _experts(ws, train=True, domains=domains)
     return ws.experts
+
+
+def check_verify_real_launch(recipe: Recipe) -> None:
+    """`search.verify_real` trains its runs inside the main process's search, where the other processes of a
+    multi-process launch cannot join them: refused in one line before anything trains."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and recipe.search.verify_real:
+        raise MergemixError(f"search.verify_real: its real runs train inside the search, on the main process "
+                            f"alone, which a launch of {processes} processes cannot do yet; set search.verify_real "
+                            "0 for the launch, or run as one process")
 
 
 def start(recipe: Recipe, distributed: bool = False) -> Workspace:

@@ -121,3 +121,21 @@ def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("FSDP_VERSION", raising=False)
     with pytest.raises(MergemixError, match="FSDP version 1 is not supported; use FSDP version 2"):
         make_accelerator("cpu")
+
+
+def test_verify_real_is_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """search.verify_real trains inside the main process's search, which the other processes cannot join:
+    propose and report under a launch refuse it in one line before anything is read or trained."""
+    from mergemix.errors import MergemixError
+    from mergemix.pipeline import propose
+    from mergemix.recipe import recipe_from_dict
+    from mergemix.report import rank_consistency
+
+    d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
+    recipe = recipe_from_dict({**d, "search": {**d["search"], "verify_real": 2}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (propose, rank_consistency):
+        with pytest.raises(MergemixError, match="search.verify_real: .* a launch of 2 processes cannot do yet"):
+            command(recipe)
+    assert not (tmp_path / "run").exists()

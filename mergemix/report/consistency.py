@@ -30,7 +30,15 @@ from mergemix.evaluate import Objective
 from mergemix.experts import general_probs
 from mergemix.merge.lora import Applied, LoraExpert
 from mergemix.modeling import param_count
-from mergemix.pipeline import Proposed, Workspace, benchmark_key, evaluation_key, run_proposal, start
+from mergemix.pipeline import (
+    Proposed,
+    Workspace,
+    benchmark_key,
+    check_verify_real_launch,
+    evaluation_key,
+    run_proposal,
+    start,
+)
 from mergemix.progress import progress
 from mergemix.recipe import Recipe
 from mergemix.report.compute import accounting, tokens_per_evaluation
@@ -87,6 +95,7 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
     while the others wait; they return None."""
     from mergemix.report.render import write_report
 
+    check_verify_real_launch(recipe)
     ws = start(recipe, distributed=True)
     proposed = run_proposal(ws)
     process_state(recipe.device).wait_for_everyone()  # the main process has searched and written proposal.json
