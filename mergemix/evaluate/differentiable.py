@@ -25,7 +25,15 @@ import torch
 from torch.func import functional_call
 
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, MultipleChoice, Perplexity, Request, token_nll
+from mergemix.evaluate.kinds import (
+    BENCHMARKS,
+    Benchmark,
+    MultipleChoice,
+    Perplexity,
+    Request,
+    pack_scored,
+    token_nll,
+)
 from mergemix.evaluate.objective import Objective
 from mergemix.modeling import max_positions
 from mergemix.registry import Registry
@@ -62,13 +70,7 @@ def request_logprobs(forward: Forward, requests: Sequence[Request], max_len: int
     `max_len` tokens."""
     seqs = [r.ids[-max_len:] for r in requests]
     ns = [min(r.n, len(s) - 1) for r, s in zip(requests, seqs, strict=True)]
-    ids = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
-    rows, pos, target = [], [], []
-    for i, (seq, n) in enumerate(zip(seqs, ns, strict=True)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        rows += [i] * n
-        pos += range(len(seq) - n - 1, len(seq) - 1)
-        target += seq[len(seq) - n:]
+    ids, rows, pos, target = pack_scored(seqs, ns)
     logits = forward(ids)
     dev = logits.device
     picked = logits[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)].float()

@@ -288,17 +288,26 @@ def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group
     return _gather_logprobs(logits, rows, pos, target, [len(c) for c in conts])
 
 
-def _score_whole(model: torch.nn.Module, seqs: list[tuple[int, ...]], ns: list[int]) -> list[tuple[float, int]]:
-    """The last `ns[r]` tokens of each of `seqs`, each sequence run whole (right-padded)."""
-    dev = model_device(model)
+def pack_scored(seqs: Sequence[Sequence[int]], ns: Sequence[int],
+                ) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """`seqs` right-padded into one batch of ids, and where their scored tokens (the last `ns[r]` of each) are
+    predicted: (ids, row of each scored token, the position whose logits predict it, the token)."""
     ids = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
-    rows, pos, target = [], [], []
+    rows: list[int] = []
+    pos: list[int] = []
+    target: list[int] = []
     for r, (seq, n) in enumerate(zip(seqs, ns, strict=True)):
         ids[r, : len(seq)] = torch.tensor(seq)
         rows += [r] * n
         pos += range(len(seq) - n - 1, len(seq) - 1)
         target += seq[len(seq) - n :]
-    return _gather_logprobs(model(input_ids=ids.to(dev)).logits, rows, pos, target, ns)
+    return ids, rows, pos, target
+
+
+def _score_whole(model: torch.nn.Module, seqs: list[tuple[int, ...]], ns: list[int]) -> list[tuple[float, int]]:
+    """The last `ns[r]` tokens of each of `seqs`, each sequence run whole (right-padded)."""
+    ids, rows, pos, target = pack_scored(seqs, ns)
+    return _gather_logprobs(model(input_ids=ids.to(model_device(model))).logits, rows, pos, target, ns)
 
 
 @BENCHMARKS.register("multiple_choice")
