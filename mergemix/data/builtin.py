@@ -254,6 +254,13 @@ def _word_problem(rng: random.Random, towns: list[str], people: list[str]) -> tu
     return story, f"How many {item} is that in all?", a * b, f"{a} * {b}"
 
 
+def _choice_item(rng: random.Random, question: str, right: str, wrong: list[str]) -> dict[str, Any]:
+    """A multiple-choice record: `right` and `wrong` shuffled by `rng`, the answer the index of `right`."""
+    choices = [right, *wrong]
+    rng.shuffle(choices)
+    return {"question": question, "choices": choices, "answer": choices.index(right)}
+
+
 def _problems(seed: int, n: int) -> list[tuple[str, str, int, str]]:
     rng = random.Random(seed)
     towns, people = _world()
@@ -276,10 +283,8 @@ def _word_problems_mc() -> Records:
     out = []
     for story, question, answer, work in _problems(seed=4, n=400):
         wrong = sorted({answer + d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0} - {answer})
-        choices = [str(answer), *(str(w) for w in rng.sample(wrong, 3))]
-        rng.shuffle(choices)
-        out.append({"question": f"{story} {question}\nAnswer: {work} =", "choices": choices,
-                    "answer": choices.index(str(answer))})
+        out.append(_choice_item(rng, f"{story} {question}\nAnswer: {work} =", str(answer),
+                                [str(w) for w in rng.sample(wrong, 3)]))
     return out
 
 
@@ -403,10 +408,7 @@ def _due_dates_mc() -> Records:
         sentence, d, n, _ = _shipment(rng, towns, people)
         right = d + datetime.timedelta(days=n)
         wrong = [right + datetime.timedelta(days=k) for k in rng.sample((-7, -2, -1, 1, 2, 7), 3)]
-        choices = [str(x) for x in (right, *wrong)]
-        rng.shuffle(choices)
-        out.append({"question": f"{sentence}\n{d} + {n} days =", "choices": choices,
-                    "answer": choices.index(str(right))})
+        out.append(_choice_item(rng, f"{sentence}\n{d} + {n} days =", str(right), [str(x) for x in wrong]))
     return out
 
 
@@ -422,10 +424,8 @@ def _table_rows_mc() -> Records:
         lines = _table(rng, schema, rng.randint(2, 5), towns, people)
         first, *rest = _row(rng, schema, towns, people)
         orders = [list(rest), [rest[1], rest[0], rest[2]], [rest[0], rest[2], rest[1]], [rest[2], rest[1], rest[0]]]
-        choices = [", ".join(o) for o in orders]
-        if len(set(choices)) < 4:  # a row whose fields coincide cannot be told from its shuffles
+        right, *wrong = [", ".join(o) for o in orders]
+        if len({right, *wrong}) < 4:  # a row whose fields coincide cannot be told from its shuffles
             continue
-        rng.shuffle(choices)
-        out.append({"question": "\n".join(lines) + f"\n{first},", "choices": choices,
-                    "answer": choices.index(", ".join(rest))})
+        out.append(_choice_item(rng, "\n".join(lines) + f"\n{first},", right, wrong))
     return out
