@@ -46,6 +46,16 @@ class Bounds:
                    tuple(lo_from), tuple(hi_from))
 
     @property
+    def pinned(self) -> np.ndarray:
+        """Per domain: whether its share is pinned (lo = hi, from mixture.pinned or a fixed group total)."""
+        return np.array([src == "pinned" for src in self.hi_from], dtype=bool)
+
+    @property
+    def free(self) -> list[int]:
+        """Indices of the domains whose share is searched (not pinned)."""
+        return [i for i, p in enumerate(self.pinned) if not p]
+
+    @property
     def unconstrained(self) -> bool:
         return not (self.lo > 0).any() and not (self.hi < 1).any()
 

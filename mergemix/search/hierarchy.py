@@ -66,7 +66,7 @@ class Level:
         hi = np.array([min(flat.hi[idx].sum(), 1.0) for idx in members])
 
         def source(idx: list[int], which: tuple[str | None, ...]) -> str | None:
-            if all(flat.hi_from[i] == "pinned" for i in idx):
+            if flat.pinned[idx].all():
                 return "pinned"
             return next((which[i] for i in idx if which[i] and which[i] != "pinned"), None)
 
@@ -113,7 +113,7 @@ def level_of(recipe: Recipe, bounds: Bounds, prior: np.ndarray) -> Level | None:
 
 def _free(bounds: Bounds) -> int:
     """Coordinates a search of `bounds` has: its unpinned entries less one."""
-    return max(sum(src != "pinned" for src in bounds.hi_from) - 1, 0)
+    return max(len(bounds.free) - 1, 0)
 
 
 def stage_budgets(total: int, dims: list[int]) -> list[int]:
@@ -178,7 +178,7 @@ def run_hierarchical(
         current = best.star.alpha if best else start
         others = {d: current[d] for j, d in enumerate(domains) if j not in groups[g]}
         fixed = bounds.fix(others)
-        free = [j for j in groups[g] if fixed.hi_from[j] != "pinned"]
+        free = [j for j in groups[g] if not fixed.pinned[j]]
         mass = 1.0 - fixed.lo[[j for j in range(len(domains)) if j not in free]].sum()
         if not fixed.lo[free].sum() + TOL < mass < fixed.hi[free].sum() - TOL:
             log.info("hierarchical search: group %s's share %.4g leaves its domains one mixture (their bounds); "

@@ -16,9 +16,8 @@ from mergemix.search.feasible import Bounds
 class SimplexMap:
     def __init__(self, bounds: Bounds) -> None:
         self.bounds = bounds
-        self.free = [i for i, src in enumerate(bounds.hi_from) if src != "pinned"]
-        pinned = [i for i in range(len(bounds.domains)) if i not in self.free]
-        self.mass = 1.0 - float(bounds.lo[pinned].sum())
+        self.free = bounds.free
+        self.mass = 1.0 - float(bounds.lo[bounds.pinned].sum())
         self.names = [f"u{j}" for j in range(len(self.free) - 1)]
 
     def _exponent(self, j: int) -> float:
@@ -26,7 +25,7 @@ class SimplexMap:
 
     def to_alpha(self, u: list[float]) -> np.ndarray:
         """Cube coordinates → a feasible α (all domains, recipe order)."""
-        x = np.where(np.array(self.bounds.hi_from) == "pinned", self.bounds.lo, 0.0)
+        x = np.where(self.bounds.pinned, self.bounds.lo, 0.0)
         rest = self.mass
         for j, i in enumerate(self.free[:-1]):
             z = 1.0 - (1.0 - u[j]) ** (1.0 / self._exponent(j))

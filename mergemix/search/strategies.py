@@ -181,7 +181,7 @@ class Grid(_Queue):
         while math.comb(n + 1 + m - 1, m - 1) <= ctx.budget:
             n += 1
         free = np.array(_compositions(n, m), dtype=np.float64) / n * space.mass
-        points = np.tile(np.where(np.array(ctx.bounds.hi_from) == "pinned", ctx.bounds.lo, 0.0), (len(free), 1))
+        points = np.tile(np.where(ctx.bounds.pinned, ctx.bounds.lo, 0.0), (len(free), 1))
         points[:, space.free] = free
         if not ctx.bounds.unconstrained:
             points = ctx.bounds.project(points)
