@@ -21,11 +21,8 @@ import time
 
 import numpy as np
 
-from mergemix.evaluate import Evaluator
-from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import general_probs, train_experts
-from mergemix.merge import InPlaceMerger
-from mergemix.pipeline import evaluation_key, start
+from mergemix.pipeline import evaluation_key, scoring, start
 from mergemix.recipe import load_recipe
 from mergemix.search import run_search
 
@@ -49,14 +46,8 @@ def main() -> None:
     assert ws.model is not None
     ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
     names = recipe.domain_names
-    evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
-                          ws.cache_dir, ws.benchmark_data)
-    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed)
-    differentiable = GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state)  # strategy gradient
-
-    def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
-        merger.apply([alpha[d] for d in names])
-        return evaluator(ws.model)
+    scorer = scoring(ws)
+    differentiable = scorer.differentiable()  # strategy gradient
 
     prior = np.array(general_probs(ws.blocks, names))
     eval_key = evaluation_key(recipe, ws)
@@ -77,7 +68,7 @@ def main() -> None:
             if s == "grid":
                 rs = rs.model_copy(update={"mixture": r.mixture})
             start_s = time.perf_counter()
-            res = run_search(rs, evaluate_alpha, prior, out / f"{label[:1]}-{s}.jsonl", eval_key, bounds, s,
+            res = run_search(rs, scorer.evaluate_alpha, prior, out / f"{label[:1]}-{s}.jsonl", eval_key, bounds, s,
                              differentiable=differentiable)
             wall = time.perf_counter() - start_s
             used = len(res.trials) - (len(names) + 2)
@@ -87,7 +78,7 @@ def main() -> None:
             regret = "" if best is None else f"{best - obj:.3f}"
             mix = " ".join(f"{alpha[d]:.2f}" for d in names)
             rows.append((label, s, f"{obj:.3f}", str(used), f"{wall:.0f}", regret, mix))
-    merger.restore()
+    scorer.merger.restore()
     head = ("problem", "strategy", "objective", "trials", "wall s", "regret", f"alpha* ({' '.join(names)})")
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:

@@ -191,6 +191,38 @@ def _margins(result: SearchResult) -> list[Margin]:
 
 
 @dataclass
+class Scoring:
+    """The workspace's benchmarks and an in-place merger of its experts on its model: what scores a mixture."""
+
+    evaluator: Evaluator
+    merger: InPlaceMerger
+    model: torch.nn.Module
+    names: list[str]  # the domains, in the order of the merger's experts
+
+    def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
+        """Merge the experts with weights `alpha` (domain → weight) into the model and score it."""
+        self.merger.apply([alpha[d] for d in self.names])
+        return self.evaluator(self.model)
+
+    def differentiable(self) -> GradientObjective:
+        """The objective as a function differentiable in α (strategy gradient)."""
+        return GradientObjective(self.evaluator.benchmarks, self.model, self.merger.merged_state)
+
+
+def scoring(ws: Workspace, experts: Sequence[Expert] | None = None) -> Scoring:
+    """A `Scoring` of `experts` (default: the workspace's). With merge.stream the merger reads Θ_base from
+    the base checkpoint's own files instead of keeping a copy."""
+    recipe = ws.recipe
+    assert ws.model is not None
+    evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
+                          ws.cache_dir, ws.benchmark_data)
+    base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
+    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in (ws.experts if experts is None else experts)},
+                           recipe.merge, recipe.seed, base_files)
+    return Scoring(evaluator, merger, ws.model, recipe.domain_names)
+
+
+@dataclass
 class Proposed:
     """What `run_proposal` leaves in memory for later stages (the report): the model is the base again."""
 
@@ -264,24 +296,14 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, 
     recipe = ws.recipe
     assert ws.model is not None
     with ws.timings.stage("search"):
-        evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
-                              ws.cache_dir, ws.benchmark_data)
-        base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
-        merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in ws.experts}, recipe.merge, recipe.seed,
-                               base_files)
+        s = scoring(ws)
         names = recipe.domain_names
-
-        def evaluate_alpha(alpha: dict[str, float]) -> dict[str, dict[str, float]]:
-            merger.apply([alpha[d] for d in names])
-            return evaluator(ws.model)
-
-        eval_key = evaluation_key(recipe, ws)
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
-        result = run_hierarchical(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl", eval_key, bounds,
-                                  strategy, GradientObjective(evaluator.benchmarks, ws.model, merger.merged_state))
-        merger.restore()
-    return result, bounds, evaluator, merger
+        result = run_hierarchical(recipe, s.evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
+                                  evaluation_key(recipe, ws), bounds, strategy, s.differentiable())
+        s.merger.restore()
+    return result, bounds, s.evaluator, s.merger
 
 
 def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:

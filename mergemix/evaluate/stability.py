@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from scipy.stats import kendalltau
 
 from mergemix.artifacts import write_json
-from mergemix.evaluate import BENCHMARKS, Evaluator
+from mergemix.evaluate import BENCHMARKS
 from mergemix.progress import progress
 from mergemix.recipe import Recipe
 
@@ -116,17 +116,15 @@ def evaluate_paths(recipe: Recipe, steps: Sequence[float] = STEPS) -> StabilityR
     """Score the base and the path to every expert (training or reusing the experts as `propose` does),
     write `stability.json` to the run directory and return the report."""
     from mergemix.experts import train_experts
-    from mergemix.merge import InPlaceMerger
-    from mergemix.pipeline import start
+    from mergemix.pipeline import scoring, start
 
     steps = sorted(set(steps) | {0.0, 1.0})
     ws = start(recipe)
     assert ws.model is not None
     with ws.timings.stage("experts"):
         experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir, tokenizer=ws.tokenizer)
-    evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
-                          ws.cache_dir, ws.benchmark_data)
-    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in experts}, recipe.merge, recipe.seed)
+    s = scoring(ws, experts)
+    evaluator, merger = s.evaluator, s.merger
     names = recipe.domain_names
     bar = progress(total=1 + len(names) * (len(steps) - 1), desc="evaluate checkpoints", leave=False)
     base = evaluator(ws.model)
