@@ -14,17 +14,19 @@ ranked against the same real runs; no mixture is trained again.
     python benchmarks/rank_consistency.py --recipe recipes/ledger.yaml     # one testbed
     python benchmarks/rank_consistency.py --merge-scales 1,2 report.mixtures=6  # the scale lever, fewer runs
     python benchmarks/rank_consistency.py --scale large                    # ~36M parameters, for a GPU
-    python benchmarks/rank_consistency.py --surrogate-priors residual,feature  # the surrogate-prior lever
+    python benchmarks/rank_consistency.py --lever search.surrogate_prior=feature --lever search.final=top_k_mean
 
 The table's last row per testbed is `search.verify_real=1`: it would train the proposal, uniform and
 token-proportional with seed number 0, which are the report's seed-0 runs, and pick the best; its "proposal"
 column is that pick's real runs (seed 0 chose it; the other seeds check it).
 
-`--surrogate-priors` adds the surrogate-prior lever (search.surrogate_prior): the search is run again with
-each (only its verified candidates are new merges) and its proposal trained for real with the report's
-seeds, where it is not one of the report's mixtures already. The merged proxy is the same for every lever;
-the "surrogate rho" column is the search's surrogate, refitted on the search's trials with that lever,
-ranking the report's mixtures against the truth. One table at the end holds every testbed and lever.
+`--lever KEY=VALUE` (repeatable) adds a search lever, a recipe override that leaves the experts and the
+real runs as they are (search.surrogate_prior, search.final, search.strategy, merge.scale, ...): the search
+is run again with it (reusing every merge it has scored) and its proposal trained for real with the report's
+seeds, where it is not one of the report's mixtures already. The "surrogate rho" column is the search's
+surrogate, refitted on the search's trials with the lever's settings, ranking the report's mixtures against
+the truth. The merge rho column is the recipe's merged proxy in every row (for a merge.scale lever, its own
+rho is the --merge-scales line). One table at the end holds every testbed and lever.
 
 Demo scale on 2 CPU cores: 25 minutes per testbed measured with the base, experts and search cached
 (24 mixture runs of 300 steps, ~60 s each with other work on the machine); add ~7 minutes from nothing.
@@ -122,9 +124,10 @@ def _surrogate_rho(recipe: Recipe, proposed: Any, d: dict[str, Any]) -> float | 
     return agreement(pred, [m["truth"]["objective"] for m in d["mixtures"]], n_boot=100)["spearman"]
 
 
-def _lever_row(recipe: Recipe, d: dict[str, Any], testbed: str) -> dict[str, Any]:
-    """The search run again under `recipe` (another surrogate prior) and its proposal trained for real with
-    the report's seeds (reused where it is one of the report's mixtures; saved with the report's runs)."""
+def _lever_row(recipe: Recipe, d: dict[str, Any], testbed: str, lever: str) -> dict[str, Any]:
+    """The search run again under `recipe` (the report's with the override `lever`) and its proposal trained
+    for real with the report's seeds (reused where it is one of the report's mixtures; saved with the
+    report's runs)."""
     from mergemix.pipeline import benchmark_key, run_proposal, start
     from mergemix.report.mixtures import Mixture, mixture_run, run_key
     from mergemix.search.trials import alpha_key
@@ -144,8 +147,8 @@ def _lever_row(recipe: Recipe, d: dict[str, Any], testbed: str) -> dict[str, Any
             rec = mixture_run(recipe, ws.model, ws.blocks, Mixture("proposal", star), s, key,
                               ws.run_dir / "report" / "runs", proposed.evaluator)
             seeds.append(proposed.search.objective(rec["raw"])[2])
-    return {"testbed": testbed, "lever": f"prior={recipe.search.surrogate_prior}", "proposal": seeds,
-            "surrogate_rho": _surrogate_rho(recipe, proposed, d), "alpha": star}
+    return {"testbed": testbed, "lever": lever, "proposal": seeds, "surrogate_rho": _surrogate_rho(recipe, proposed, d),
+            "alpha": star}
 
 
 def _cells(row: dict[str, Any], d: dict[str, Any]) -> str:
@@ -156,18 +159,17 @@ def _cells(row: dict[str, Any], d: dict[str, Any]) -> str:
     def mean(seeds: list[float]) -> str:
         return f"{np.mean(seeds):.3f} ({', '.join(f'{v:.3f}' for v in seeds)})"
 
-    return (f"{row['testbed']:<8}{row['lever']:<16}{_rho(obj['merge']):>20}{fmt(obj['ceiling']):>9}"
+    return (f"{row['testbed']:<8}{row['lever']:<34}{_rho(obj['merge']):>20}{fmt(obj['ceiling']):>9}"
             f"{best + ' ' + fmt(obj[best]['spearman']):>22}"
             f"{fmt(obj['interpolation']['spearman']):>8}{fmt(row['surrogate_rho']):>11}   {mean(row['proposal']):<26}"
             f"{mean([s['objective'] for s in real['uniform']]):<26}{mean([s['objective'] for s in real['token_prior']])}")
 
 
-TABLE_HEAD = (f"{'testbed':<8}{'lever':<16}{'merge rho [95%]':>20}{'ceiling':>9}{'best no-model':>22}{'interp':>8}"
+TABLE_HEAD = (f"{'testbed':<8}{'lever':<34}{'merge rho [95%]':>20}{'ceiling':>9}{'best no-model':>22}{'interp':>8}"
               f"{'surr. rho':>11}   {'proposal real (seeds)':<26}{'uniform real':<26}token-prop. real")
 
 
-def report_one(path: str, scale: str, overrides: list[str], scales: list[float],
-               priors: list[str]) -> list[str]:
+def report_one(path: str, scale: str, overrides: list[str], scales: list[float], levers: list[str]) -> list[str]:
     """Print one testbed's rank consistency; return its lines of the lever table."""
     name = load_recipe(path).name
     extra = LARGE_DATA.get(name, []) if scale == "large" else []
@@ -201,13 +203,12 @@ def report_one(path: str, scale: str, overrides: list[str], scales: list[float],
     d["token_prior"] = [next(m for m in d["mixtures"] if m["label"] == "token_prior")["alpha"][n]
                         for n in recipe.domain_names]
     proposed_seeds = [s["objective"] for s in next(m for m in d["mixtures"] if m["label"] == "proposal")["truth_seeds"]]
-    rows = [{"testbed": recipe.name, "lever": f"prior={recipe.search.surrogate_prior}", "proposal": proposed_seeds,
+    rows = [{"testbed": recipe.name, "lever": "recipe", "proposal": proposed_seeds,
              "surrogate_rho": _surrogate_rho(recipe, _proposed(recipe), d)}]
-    for prior in priors:
-        if prior != recipe.search.surrogate_prior:
-            rows.append(_lever_row(load_recipe(path, [*settings, f"search.surrogate_prior={prior}"]), d, recipe.name))
-            print(f"  surrogate prior {prior}: proposal {rows[-1]['alpha']}, trained for real "
-                  f"{', '.join(f'{v:.3f}' for v in rows[-1]['proposal'])}")
+    for lever in levers:
+        rows.append(_lever_row(load_recipe(path, [*settings, lever]), d, recipe.name, lever))
+        print(f"  {lever}: proposal {rows[-1]['alpha']}, trained for real "
+              f"{', '.join(f'{v:.3f}' for v in rows[-1]['proposal'])}")
     # search.verify_real=1 trains the proposal, uniform and token-proportional with seed number 0 for
     # report.steps: exactly the report's seed-0 runs. Its pick is judged on the other seeds.
     real = {m["label"]: [s["objective"] for s in m["truth_seeds"]] for m in d["mixtures"]}
@@ -232,14 +233,14 @@ def main() -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="demo")
     p.add_argument("--merge-scales", type=lambda v: [float(x) for x in v.split(",")], default=[],
                    help="merge scales s to compare, comma-separated, e.g. 1,2")
-    p.add_argument("--surrogate-priors", type=lambda v: v.split(","), default=[],
-                   help="surrogate-prior levers to compare with the recipe's, e.g. residual,feature")
+    p.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                   help="a search lever to compare with the recipe (repeatable), e.g. search.surrogate_prior=feature")
     p.add_argument("overrides", nargs="*", help="recipe overrides for every recipe, e.g. report.mixtures=16")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     table = [TABLE_HEAD]
     for path in args.recipe or RECIPES:
-        table += report_one(path, args.scale, args.overrides, args.merge_scales, args.surrogate_priors)
+        table += report_one(path, args.scale, args.overrides, args.merge_scales, args.lever)
     print("\n" + "\n".join(table))
     print("merge rho, ceiling, no-model and interpolation rho: objective, truth = mean over seeds; real: objective "
           "of each mixture trained for real (mean, then each seed); higher is better")
