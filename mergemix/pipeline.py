@@ -6,7 +6,6 @@ data → base → packed blocks → experts → in-place merger → search → m
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,7 @@ import torch
 from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
-from mergemix.evaluate import Evaluator, read_benchmarks
+from mergemix.evaluate import Evaluator, Items, read_benchmarks
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
@@ -170,24 +169,34 @@ def _scored(t: Trial, predicted: float | None = None) -> Scored:
                   predicted=None if predicted is None else round(predicted, 6))
 
 
-def _margins(result: SearchResult) -> list[Margin]:
+def _margins(result: SearchResult, s: Scoring) -> list[Margin]:
     """The guard: the proposal's objective minus uniform's and token-proportional's, with a 95% interval
-    from item noise (1.96 x the root of the two standard errors squared) and the surrogate's predicted
-    margin; logs a warning when the interval reaches 0."""
+    from item noise, paired item by item (the three merges are scored again for their per-item values:
+    three more merges; `Objective.diff_se`), and the surrogate's predicted margin; logs a warning when the
+    interval reaches 0. The model is the base again afterwards."""
     star, objective = result.star, result.objective
-    out = []
-    for label, kind in (("uniform", "uniform"), ("token-proportional", "token_prior")):
-        b = result.by_kind(kind)
-        diff = star.objective - b.objective
-        half = 1.96 * math.hypot(objective.se(star.raw), objective.se(b.raw))
-        pred = None if result.predicted_star is None else round(result.predicted_star - b.objective, 6)
-        m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
-                   predicted=pred)
-        if m.within_noise:
-            log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
-                        "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
-        out.append(m)
+    try:
+        items = s.items_at(star.alpha)
+        out = []
+        for label, kind in (("uniform", "uniform"), ("token-proportional", "token_prior")):
+            b = result.by_kind(kind)
+            out.append(_margin(label, star, b, objective.diff_se(star.raw, b.raw, items, s.items_at(b.alpha)),
+                               result.predicted_star))
+    finally:
+        s.merger.restore()
     return out
+
+
+def _margin(label: str, star: Trial, b: Trial, se: float, predicted_star: float | None) -> Margin:
+    """One baseline's margin (see `_margins`), `se` the standard error of the difference."""
+    diff, half = star.objective - b.objective, 1.96 * se
+    pred = None if predicted_star is None else round(predicted_star - b.objective, 6)
+    m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
+               predicted=pred)
+    if m.within_noise:
+        log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
+                    "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
+    return m
 
 
 @dataclass
@@ -203,6 +212,11 @@ class Scoring:
         """Merge the experts with weights `alpha` (domain → weight) into the model and score it."""
         self.merger.apply([alpha[d] for d in self.names])
         return self.evaluator(self.model)
+
+    def items_at(self, alpha: dict[str, float]) -> Items:
+        """Merge with weights `alpha` and score it item by item (`Evaluator.items`)."""
+        self.merger.apply([alpha[d] for d in self.names])
+        return self.evaluator.items(self.model)
 
     def differentiable(self) -> GradientObjective:
         """The objective as a function differentiable in α (strategy gradient)."""
@@ -291,8 +305,8 @@ def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) ->
     return proposed
 
 
-def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, Evaluator, InPlaceMerger]:
-    """Search over the workspace's experts: the trials' result, the bounds, and the evaluator and merger."""
+def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, Scoring]:
+    """Search over the workspace's experts: the trials' result, the bounds, and what scored them."""
     recipe = ws.recipe
     assert ws.model is not None
     with ws.timings.stage("search"):
@@ -303,7 +317,7 @@ def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, 
         result = run_hierarchical(recipe, s.evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
                                   evaluation_key(recipe, ws), bounds, strategy, s.differentiable())
         s.merger.restore()
-    return result, bounds, s.evaluator, s.merger
+    return result, bounds, s
 
 
 def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:
@@ -324,13 +338,13 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
     _experts(ws, train)
     if not is_main_process():
         return None
-    result, bounds, evaluator, merger = _search(ws, strategy)
+    result, bounds, s = _search(ws, strategy)
     real = None
     if recipe.search.verify_real:
         from mergemix.verify_real import verify_real
 
         with ws.timings.stage("verify_real"):
-            star, real = verify_real(ws, result, bounds, evaluator)
+            star, real = verify_real(ws, result, bounds, s.evaluator)
         result = replace(result, star=star, predicted_star=star.predicted)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
@@ -363,10 +377,10 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             group_shares={g: round(sum(result.star.alpha[d] for d in ds), 6) for g, ds in groups.items()},
             weights=result.objective.weights(),
             normalization=result.objective.references(),
-            margins=_margins(result),
+            margins=_margins(result, s),
             verify_real=real,
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
     log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
-    return Proposed(proposal, result, evaluator, merger)
+    return Proposed(proposal, result, s.evaluator, s.merger)
