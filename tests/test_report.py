@@ -19,6 +19,7 @@ import yaml
 
 from mergemix.errors import MergemixError
 from mergemix.recipe import recipe_from_dict
+from mergemix.report.consistency import _bound_warnings
 from mergemix.report.metrics import agreement, pairwise_accuracy, partial_spearman, recovery, top_rho
 from mergemix.report.mixtures import choose_mixtures
 from tests.conftest import micro_recipe_dict
@@ -69,6 +70,25 @@ def test_mixtures_include_the_fixed_points_then_spread(micro_data: dict[str, Any
     # a proposal equal to uniform is trained once
     same = choose_mixtures(recipe, (0.2, 0.3, 0.5), dict.fromkeys(recipe.domain_names, 1 / 3))
     assert [m.label for m in same[:3]] == ["proposal", "token_prior", "include-0"]
+
+
+def test_report_says_when_the_proposal_is_not_compared_like_for_like(micro_data: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
+    d["mixture"] = {"total_tokens": 100000, "max_epochs": 2}
+    recipe = recipe_from_dict(d)  # report runs: 2 x 6 steps x 8 sequences x 32 tokens = 3,072 tokens
+    available = {"math": 10000, "prose": 50000, "code": 50000}  # math: at most 2 x 10,000 / 100,000 = 0.2
+    rows = [{"label": "proposal", "alpha": {"math": 0.2, "prose": 0.4, "code": 0.4}},
+            {"label": "uniform", "alpha": dict.fromkeys(["math", "prose", "code"], 1 / 3)},
+            {"label": "spread-3", "alpha": {"math": 0.9, "prose": 0.05, "code": 0.05}}]
+    warnings = _bound_warnings(recipe, available, rows, {"math": "max_epochs"})
+    assert warnings == [
+        "uniform lies outside the mixture bounds (math above max_epochs (0.333 > 0.200)): the search could not "
+        "propose it, so its real result is no fair bar for the proposal",
+        "the proposal sits on max_epochs at math, a cap set for mixture.total_tokens = 100,000; each mixture run "
+        "trains 3,072 tokens, where no mixture is held to it: to compare like for like, report with "
+        "mixture.total_tokens=3072"]
+    assert _bound_warnings(recipe, {n: 10**6 for n in available}, rows, {}) == []
 
 
 def test_report_recipe_errors(micro_data: dict[str, Any], tmp_path: Path) -> None:

@@ -135,6 +135,7 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
         m["label"]: {"mean": m["truth"]["objective"], "seeds": [s["objective"] for s in m["truth_seeds"]]}
         for m in data["mixtures"] if m["label"] in ("proposal", "uniform", "token_prior")
     }
+    warnings += _bound_warnings(recipe, ws.available, data["mixtures"], proposed.proposal.active_bounds)
     data["interference"] = interference
     if interference.get("gamma"):
         warnings += dominance_warnings(np.array(interference["gamma"]), names, np.array(interference["cosine"]))
@@ -145,6 +146,29 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
         write_report(result, report_dir)
     write_json(report_dir / "timings.json", ws.timings.stages)
     return result
+
+
+def _bound_warnings(recipe: Recipe, available: dict[str, int], rows: list[dict[str, Any]],
+                    active: dict[str, str]) -> list[str]:
+    """Where the comparison of the proposal with uniform and token-proportional trained for real is not like
+    for like: a baseline the mixture bounds exclude (the search could never pick it), and bounds of
+    `max_epochs` set for mixture.total_tokens where the mixture runs train far fewer tokens (at the runs'
+    budget the proposal would not have been held to them)."""
+    names = recipe.domain_names
+    bounds = recipe.mixture.bounds(names, available)
+    out = []
+    for row in rows:
+        broken = bounds.outside(row["alpha"]) if row["label"] in ("uniform", "token_prior") else {}
+        if broken:
+            out.append(f"{row['label']} lies outside the mixture bounds ({'; '.join(f'{d} {w}' for d, w in broken.items())})"
+                       ": the search could not propose it, so its real result is no fair bar for the proposal")
+    capped = sorted(d for d, why in active.items() if why == "max_epochs")
+    tokens = recipe.report.num_steps(recipe.experts, recipe.data.seq_len) * recipe.experts.batch_size * recipe.data.seq_len
+    if capped and recipe.mixture.total_tokens and tokens < recipe.mixture.total_tokens:
+        out.append(f"the proposal sits on max_epochs at {', '.join(capped)}, a cap set for mixture.total_tokens = "
+                   f"{recipe.mixture.total_tokens:,}; each mixture run trains {tokens:,} tokens, where no mixture is held "
+                   f"to it: to compare like for like, report with mixture.total_tokens={tokens}")
+    return out
 
 
 def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[dict[str, Any]]:
