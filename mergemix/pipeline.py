@@ -197,8 +197,7 @@ def _margin(label: str, star: Trial, b: Trial, se: float, predicted_star: float 
     m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
                predicted=pred, outside=outside)
     if m.within_noise:
-        log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
-                    "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
+        log.warning("proposal - %s: %+.3f (95%% [%+.3f, %+.3f]): %s", label, m.verified, m.low, m.high, m.verdict)
     return m
 
 

@@ -62,11 +62,18 @@ class Margin(_Frozen):
 
     @property
     def within_noise(self) -> bool:
+        """Not better beyond item noise: the interval reaches 0 or lies below it."""
         return self.low <= 0
+
+    @property
+    def verdict(self) -> str:
+        if self.high < 0:
+            return "BELOW: the proposal scores lower than this baseline, beyond item noise"
+        return "WITHIN NOISE: the proposal may be no better than this baseline" if self.within_noise else "better"
 
     def line(self) -> str:
         pred = "" if self.predicted is None else f", predicted {self.predicted:+.3f}"
-        warn = "  WITHIN NOISE: the proposal may be no better than this baseline" if self.within_noise else ""
+        warn = f"  {self.verdict}" if self.within_noise else ""
         bounds = "; ".join(f"{d} {why}" for d, why in self.outside.items())
         bounds = f"\n  ({self.baseline} lies outside the mixture bounds: {bounds}; no mixture this run may propose)" \
             if bounds else ""

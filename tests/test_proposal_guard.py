@@ -20,6 +20,7 @@ def test_margin_within_noise_says_so() -> None:
     assert noisy.within_noise and "WITHIN NOISE" in noisy.line()
     barred = Margin(baseline="uniform", verified=-0.07, low=-0.1, high=-0.04,
                     outside={"letters": "above max_epochs (0.333 > 0.226)"})
+    assert "BELOW: the proposal scores lower than this baseline" in barred.line()
     assert barred.line().endswith("(uniform lies outside the mixture bounds: letters above max_epochs (0.333 > 0.226); "
                                   "no mixture this run may propose)")
 
