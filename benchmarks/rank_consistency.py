@@ -6,7 +6,11 @@ merged proxy's Spearman ρ with its 95% interval beside the ceiling, every predi
 the interpolation of the experts' own scores, per capability; then the proposal against uniform and
 token-proportional, each trained for real (mean over seeds ± 1.96 item standard errors, and each seed).
 
-`--lever KEY=VALUE` (repeatable) adds a lever: a recipe override whose real runs are the report's (refused
+The proposal is made for the mixture runs' token budget (mixture.total_tokens is set to it, unless given):
+its max_epochs bounds are then those of the real runs, so uniform and token-proportional are mixtures it
+could have proposed.
+
+`--lever KEY=VALUE` (repeatable; several overrides in one lever are separated by spaces) adds a lever: a recipe override whose real runs are the report's (refused
 when it changes how they train: experts.lr, batch_size, warmup_steps, report.*). For each lever the search is
 run again (an `experts.*` lever trains its experts in a run directory of its own), its merged proxy scores the
 report's mixtures (its merge rho, against the same real runs), and its proposal is trained for real with
@@ -126,8 +130,8 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
     from mergemix.search.trials import alpha_key
 
     ref_ws, ref_proposed = ref
-    overrides = [*settings, f"report.steps={d['settings']['mixture_steps']}", lever]
-    if lever.startswith("experts."):
+    overrides = [*settings, f"report.steps={d['settings']['mixture_steps']}", *lever.split()]
+    if any(o.startswith("experts.") for o in lever.split()):
         slug = "".join(c if c.isalnum() else "-" for c in lever)
         overrides.append(f"run_dir={ref_ws.run_dir}/lever-{slug}")
     recipe = load_recipe(path, overrides)
@@ -183,7 +187,12 @@ def report_one(path: str, scale: str, overrides: list[str], levers: list[str]) -
     """Print one testbed's rank consistency; return its lines of the lever table."""
     name = load_recipe(path).name
     extra = LARGE_DATA.get(name, []) if scale == "large" else []
-    settings = [*SCALES[scale], *extra, f"run_dir=runs/rank-consistency-{name}-{scale}", *overrides]
+    # The proposal is judged by mixture runs of `tokens` tokens: it is made for that budget (its max_epochs
+    # bounds those of the runs), so that uniform and token-proportional are mixtures it could have proposed.
+    r = load_recipe(path, [*SCALES[scale], *extra, *overrides])
+    tokens = r.report.num_steps(r.experts, r.data.seq_len) * r.experts.batch_size * r.data.seq_len
+    settings = [*SCALES[scale], *extra, f"run_dir=runs/rank-consistency-{name}-{scale}",
+                f"mixture.total_tokens={tokens}", *overrides]
     recipe = load_recipe(path, settings)
     start = time.perf_counter()
     result = rank_consistency(recipe)
