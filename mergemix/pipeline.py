@@ -9,9 +9,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
+from mergemix.collective import follow, leading, processes, shard_model
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, read_benchmarks
@@ -115,19 +117,26 @@ def prepare_base_and_data(ws: Workspace) -> None:
         else:
             pools = {n: d.pools["base"] for n, d in ws.docs.items()}
             ws.base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, ws.cache_dir, r.device)
-        ws.model, ws.tokenizer = load_base(ws.base_path, r.base)
+        _load_model(ws)
+        assert ws.model is not None
         limit = max_positions(ws.model)
         if limit is not None and r.data.seq_len > limit:
             raise MergemixError(f"data.seq_len: {r.data.seq_len} is longer than the base's context of {limit} "
                                 "tokens; lower data.seq_len")
         ws.base_hash = stable_hash([fingerprint(ws.base_path), r.base.dtype])
-        if r.device == "auto" and torch.cuda.is_available():
-            ws.model.to("cuda")
     with ws.timings.stage("pack"), _main_process_first(r.device):
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
     ws.available = available_tokens(r, {n: b.n_tokens for n, b in ws.blocks.items()})
     # The first moment every domain's token count is known: refuse an impossible cap before any expert.
     check_cap(r.mixture, ws.available)
+
+
+def _load_model(ws: Workspace) -> None:
+    """The base model and tokenizer from the base's checkpoint, the model on the run's device."""
+    assert ws.base_path is not None
+    ws.model, ws.tokenizer = load_base(ws.base_path, ws.recipe.base)
+    if ws.recipe.device == "auto" and torch.cuda.is_available():
+        ws.model.to("cuda")
 
 
 def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
@@ -209,17 +218,23 @@ class Scoring:
         return GradientObjective(self.evaluator.benchmarks, self.model, self.merger.merged_state)
 
 
+def merger(ws: Workspace, experts: Sequence[Expert] | None = None) -> InPlaceMerger:
+    """An in-place merger of `experts` (default: the workspace's) on the workspace's model. With merge.stream
+    it reads Θ_base from the base checkpoint's own files instead of keeping a copy."""
+    recipe = ws.recipe
+    assert ws.model is not None
+    base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
+    return InPlaceMerger(ws.model, {e.domain: e.state() for e in (ws.experts if experts is None else experts)},
+                         recipe.merge, recipe.seed, base_files)
+
+
 def scoring(ws: Workspace, experts: Sequence[Expert] | None = None) -> Scoring:
-    """A `Scoring` of `experts` (default: the workspace's). With merge.stream the merger reads Θ_base from
-    the base checkpoint's own files instead of keeping a copy."""
+    """A `Scoring` of `experts` (default: the workspace's) on the workspace's model."""
     recipe = ws.recipe
     assert ws.model is not None
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
-    base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
-    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in (ws.experts if experts is None else experts)},
-                           recipe.merge, recipe.seed, base_files)
-    return Scoring(evaluator, merger, ws.model, recipe.domain_names)
+    return Scoring(evaluator, merger(ws, experts), ws.model, recipe.domain_names)
 
 
 @dataclass
@@ -229,16 +244,24 @@ class Proposed:
     proposal: Proposal
     search: SearchResult
     evaluator: Evaluator
-    merger: InPlaceMerger
+    make_merger: Callable[[], InPlaceMerger]
+
+    @cached_property
+    def merger(self) -> InPlaceMerger:
+        """A merger of the experts on the workspace's model: the search's own in a single process. A launch's
+        search merged shards of a sharded model; a whole merger is built here, on first use (the report's
+        merged proxies and interference, on the main process)."""
+        return self.make_merger()
 
 
 def propose(recipe: Recipe) -> Proposal | None:
     """Run the MergeMix pipeline for `recipe` and return the proposal (also written to proposal.json in
     the run directory). Stages whose inputs are unchanged are reused; a killed run resumes.
 
-    Under a multi-process launch every process trains the experts data-parallel; the main process then
-    searches and returns the proposal, the others return None as soon as the experts are saved."""
-    check_verify_real_launch(recipe)
+    Under a multi-process launch every process trains the experts data-parallel, then all search together
+    (mergemix.collective: each holds 1/N of base and task vectors); the main process returns the proposal,
+    the others None."""
+    check_launch(recipe)
     ws = start(recipe, distributed=True)
     proposed = run_proposal(ws)
     return proposed.proposal if proposed else None
@@ -256,22 +279,28 @@ def train_experts_only(recipe: Recipe, domains: Sequence[str] | None = None) -> 
     return ws.experts
 
 
-def check_verify_real_launch(recipe: Recipe) -> None:
-    """`search.verify_real` trains its runs inside the main process's search, where the other processes of a
-    multi-process launch cannot join them: refused in one line before anything trains."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1 and recipe.search.verify_real:
+def check_launch(recipe: Recipe) -> None:
+    """What a multi-process launch cannot search, refused in one line before anything trains:
+    `search.verify_real` trains its runs inside the search, on the main process alone, where the other
+    processes cannot join them; the gradient strategy differentiates through the whole merged weights, which
+    no process holds in a launch's sharded search."""
+    n = processes()
+    if n > 1 and recipe.search.verify_real:
         raise MergemixError(f"search.verify_real: its real runs train inside the search, on the main process "
-                            f"alone, which a launch of {processes} processes cannot do yet; set search.verify_real "
+                            f"alone, which a launch of {n} processes cannot do yet; set search.verify_real "
                             "0 for the launch, or run as one process")
+    if n > 1 and recipe.search.strategy == "gradient":
+        raise MergemixError(f"search.strategy: gradient needs the whole merged model on one process, and a launch "
+                            f"of {n} processes searches a sharded one; choose another strategy for the launch, or "
+                            "run as one process")
 
 
 def start(recipe: Recipe, distributed: bool = False) -> Workspace:
     """Set up the run directory and bring base, data and benchmarks into memory. Commands that cannot run
     under a multi-process launch yet leave `distributed` False and are refused in one line."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1 and not distributed:
-        raise MergemixError(f"this command runs as one process, got {processes} (accelerate launch, torchrun); "
+    n = processes()
+    if n > 1 and not distributed:
+        raise MergemixError(f"this command runs as one process, got {n} (accelerate launch, torchrun); "
                             "only propose, experts and report run multi-process: start it with python -m mergemix")
     precision_key(recipe)  # a precision this device cannot train in fails here, before any training
     ws = _setup(recipe)
@@ -285,25 +314,49 @@ def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) ->
     ws = start(recipe)
     if worker:
         _experts(ws, train=False)
-        return _search(ws, strategy)[0]
+        result = _search(ws, strategy)[0]
+        assert result is not None  # one process
+        return result
     proposed = run_proposal(ws, strategy, train=False)
     assert proposed is not None  # one process: it is the main one
     return proposed
 
 
-def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, Evaluator, InPlaceMerger]:
-    """Search over the workspace's experts: the trials' result, the bounds, and the evaluator and merger."""
+def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult | None, Bounds, Scoring]:
+    """Search over the workspace's experts: the trials' result (None on the other processes of a launch), the
+    bounds, and the scoring (its model is the base again).
+
+    Under a multi-process launch every process searches together (mergemix.collective): the model is sharded
+    with FSDP2, each process merges its shard, and the main process's search sends each α it evaluates to
+    the others, which merge and evaluate it in step. The workspace's model is then sharded: see `_unshard`."""
     recipe = ws.recipe
     assert ws.model is not None
+    launch = processes() > 1
     with ws.timings.stage("search"):
+        if launch:
+            shard_model(ws.model)
         s = scoring(ws)
         names = recipe.domain_names
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
-        result = run_hierarchical(recipe, s.evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
-                                  evaluation_key(recipe, ws), bounds, strategy, s.differentiable())
+        result = None
+        if launch and not is_main_process():
+            follow(s.evaluate_alpha)
+        else:
+            with leading(s.evaluate_alpha) if launch else nullcontext(s.evaluate_alpha) as evaluate_alpha:
+                result = run_hierarchical(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
+                                          evaluation_key(recipe, ws), bounds, strategy,
+                                          None if launch else s.differentiable())
         s.merger.restore()
-    return result, bounds, s.evaluator, s.merger
+    return result, bounds, s
+
+
+def _unshard(ws: Workspace) -> None:
+    """Give every process the whole base back after a launch's sharded search, for what follows (the report's
+    mixture runs train from it): read again from the base's checkpoint, which the sharded model equals."""
+    log.info("the search is done: reading the whole base again for the stages that follow")
+    ws.model = None  # the sharded model, before the whole one is read
+    _load_model(ws)
 
 
 def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:
@@ -318,13 +371,21 @@ def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -
 def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True) -> Proposed | None:
     """Experts → search → mixture → proposal.json, on a workspace from `start`. `strategy` overrides
     search.strategy; without `train` the experts must already be in the run directory. Under a multi-process
-    launch only the main process searches (None elsewhere): every merge and score runs on its one model."""
+    launch every process searches (see `_search`); the main process alone goes on (None elsewhere), every
+    process with the whole base again."""
     recipe = ws.recipe
     names = recipe.domain_names
     _experts(ws, train)
-    if not is_main_process():
+    result, bounds, s = _search(ws, strategy)
+    evaluator = s.evaluator
+    if processes() > 1:
+        del s  # the sharded merger
+        _unshard(ws)
+        make_merger: Callable[[], InPlaceMerger] = lambda: merger(ws)  # noqa: E731
+    else:
+        make_merger = lambda: s.merger  # noqa: E731
+    if result is None:
         return None
-    result, bounds, evaluator, merger = _search(ws, strategy)
     real = None
     if recipe.search.verify_real:
         from mergemix.verify_real import verify_real
@@ -369,4 +430,4 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
     log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
-    return Proposed(proposal, result, evaluator, merger)
+    return Proposed(proposal, result, evaluator, make_merger)

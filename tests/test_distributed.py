@@ -1,5 +1,5 @@
 """Real multi-process launches on CPU (accelerate launch, gloo): data-parallel and FSDP2-sharded experts,
-and the report's mixture runs trained data-parallel."""
+the collective sharded search, and the report's mixture runs trained data-parallel."""
 
 from __future__ import annotations
 
@@ -86,6 +86,33 @@ def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) ->
     _same_expert(run / "experts" / "math", one_process)
 
 
+def _trials(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+
+
+def test_two_process_propose_searches_together_like_one_process(recipe_file: Path) -> None:
+    """`propose` under a 2-process launch searches with the base and task vectors sharded over both processes:
+    the main process alone writes trials and proposal, the other merges and evaluates every α in step
+    with it, and the trials and α* equal a one-process propose's. The experts are trained once, by the
+    one-process run (data-parallel training is equal only to float rounding), and reused by the launch."""
+    one, two = recipe_file.parent / "propose_one", recipe_file.parent / "propose_two"
+    cmd = ["-m", "mergemix", "propose", str(recipe_file)]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "proposal.json", "timings.json"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    assert log.count("stage search ...") == 2  # both processes searched
+    assert log.count("wrote ") == 1  # the main process alone reports
+    want, got = _trials(one), _trials(two)
+    followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
+    assert followed == [len(want)]  # the other process evaluated every trial with the main one
+    assert [t["alpha"] for t in got] == [t["alpha"] for t in want]  # one writer: no trial twice
+    for a, b in zip(want, got, strict=True):
+        assert b["objective"] == pytest.approx(a["objective"], abs=1e-5), a["alpha"]
+    star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
+    star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
+    assert star_two == pytest.approx(star_one, abs=1e-9)
+
+
 def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
     """`report` under a 2-process launch trains each mixture run data-parallel: the main process alone
     scores and writes each run's record, and the records equal those of a one-process report. The proposal
@@ -123,10 +150,11 @@ def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) 
         make_accelerator("cpu")
 
 
-def test_verify_real_is_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """search.verify_real trains inside the main process's search, which the other processes cannot join:
-    propose and report under a launch refuse it in one line before anything is read or trained."""
+def test_verify_real_and_gradient_are_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """search.verify_real trains inside the main process's search, which the other processes cannot join, and
+    the gradient strategy needs the whole merged model, which no process of a sharded search holds: propose
+    and report under a launch refuse each in one line before anything is read or trained."""
     from mergemix.errors import MergemixError
     from mergemix.pipeline import propose
     from mergemix.recipe import recipe_from_dict
@@ -138,4 +166,9 @@ def test_verify_real_is_refused_under_a_launch(micro_data: dict[str, Any], tmp_p
     for command in (propose, rank_consistency):
         with pytest.raises(MergemixError, match="search.verify_real: .* a launch of 2 processes cannot do yet"):
             command(recipe)
+    gradient = recipe_from_dict({**d, "search": {**d["search"], "strategy": "gradient"}})
+    for command in (propose, rank_consistency):
+        with pytest.raises(MergemixError, match="search.strategy: gradient .* a launch of 2 processes searches a "
+                                                "sharded one"):
+            command(gradient)
     assert not (tmp_path / "run").exists()

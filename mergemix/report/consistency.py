@@ -34,7 +34,7 @@ from mergemix.pipeline import (
     Proposed,
     Workspace,
     benchmark_key,
-    check_verify_real_launch,
+    check_launch,
     evaluation_key,
     run_proposal,
     start,
@@ -95,7 +95,7 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
     while the others wait; they return None."""
     from mergemix.report.render import write_report
 
-    check_verify_real_launch(recipe)
+    check_launch(recipe)
     ws = start(recipe, distributed=True)
     proposed = run_proposal(ws)
     process_state(recipe.device).wait_for_everyone()  # the main process has searched and written proposal.json
