@@ -89,7 +89,8 @@ def _sharded(rank: int, root: Path) -> None:
             full = _gathered(model, params)
             if rank == 0:
                 save_file(full, str(root / f"{label}.safetensors"))
-            sizes[label] = sum(g.taus.numel() for g in merger.groups if g.taus is not None)
+            sizes[label] = [sum(g.taus.numel() for g in merger.groups if g.taus is not None),
+                            sum(g.base.numel() for g in merger.groups if g.base is not None)]
             merger.restore()
         restored = _gathered(model, params)
         if rank == 0:
@@ -151,18 +152,20 @@ def test_sharded_restore_puts_the_base_back(launched: Path) -> None:
 
 
 def test_each_process_keeps_its_share_of_the_task_vectors(launched: Path) -> None:
-    """Each of the 2 processes keeps about half the entries a one-process merger keeps (the embedding's 301
-    rows split 151 / 150); a linear merge keeps no task vector of the LoRA expert."""
+    """Each of the 2 processes keeps about half the entries of task vectors and base copy that a one-process
+    merger keeps (the embedding's 301 rows split 151 / 150); a linear merge keeps no task vector of the LoRA
+    expert, a streamed one none at all, nor a base copy (it reads the base's file)."""
     import json
 
     sizes = [json.loads((launched / f"sizes{r}.json").read_text()) for r in range(WORLD)]
-    model = _model()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in _model().parameters())
     for label, spec, names, _ in CASES:
         if spec.get("stream"):
-            assert all(s[label] == 0 for s in sizes)  # streamed: no task vector is kept
+            assert all(s[label] == [0, 0] for s in sizes)
             continue
-        kept = len(names) - (label == "lora_linear" or label == "linear_k6")  # LoRA factors, not a task vector
-        assert sum(s[label] for s in sizes) == kept * n_params
+        kept = len(names) - (label in ("lora_linear", "linear_k6"))  # a linear merge takes LoRA by its factors
+        assert sum(s[label][0] for s in sizes) == kept * n_params
+        assert sum(s[label][1] for s in sizes) == n_params
         for s in sizes:
-            assert s[label] == pytest.approx(kept * n_params / WORLD, rel=0.01)
+            assert s[label][0] == pytest.approx(kept * n_params / WORLD, rel=0.01)
+            assert s[label][1] == pytest.approx(n_params / WORLD, rel=0.01)
