@@ -6,25 +6,25 @@ merged proxy's Spearman ρ with its 95% interval beside the ceiling, every predi
 the interpolation of the experts' own scores, per capability; then the proposal against uniform and
 token-proportional, each trained for real (mean over seeds ± 1.96 item standard errors, and each seed).
 
-`--merge-scales 1,2` adds the merge-scale lever: the same mixtures' proxies merged as Θ_base + s·Σ α_k τ_k
-(first-order theory: a mixture run of T steps moves about T / T_expert times as far as an expert) and
-ranked against the same real runs; no mixture is trained again.
+`--lever KEY=VALUE` (repeatable) adds a lever: a recipe override whose real runs are the report's (refused
+when it changes how they train: experts.lr, batch_size, warmup_steps, report.*). For each lever the search is
+run again (an `experts.*` lever trains its experts in a run directory of its own), its merged proxy scores the
+report's mixtures (its merge rho, against the same real runs), and its proposal is trained for real with
+the report's seeds where it is not one of the report's mixtures already. Every score is normalized with the
+recipe's objective, so the rows compare. The "surrogate rho" column is the search's surrogate, refitted on
+its trials with the lever's settings, ranking the report's mixtures against the truth. Levers the issue
+names: merge.scale (first-order theory: a mixture run of T steps moves about T / T_expert times as far as an
+expert), experts.steps (the horizon), experts.replay, search.surrogate_prior, search.final.
 
     python benchmarks/rank_consistency.py                                  # both testbeds, demo scale
     python benchmarks/rank_consistency.py --recipe recipes/ledger.yaml     # one testbed
-    python benchmarks/rank_consistency.py --merge-scales 1,2 report.mixtures=6  # the scale lever, fewer runs
+    python benchmarks/rank_consistency.py --lever merge.scale=2 --lever experts.steps=75 report.mixtures=6
     python benchmarks/rank_consistency.py --scale large                    # ~36M parameters, for a GPU
-    python benchmarks/rank_consistency.py --surrogate-priors residual,feature  # the surrogate-prior lever
 
 The table's last row per testbed is `search.verify_real=1`: it would train the proposal, uniform and
 token-proportional with seed number 0, which are the report's seed-0 runs, and pick the best; its "proposal"
-column is that pick's real runs (seed 0 chose it; the other seeds check it).
-
-`--surrogate-priors` adds the surrogate-prior lever (search.surrogate_prior): the search is run again with
-each (only its verified candidates are new merges) and its proposal trained for real with the report's
-seeds, where it is not one of the report's mixtures already. The merged proxy is the same for every lever;
-the "surrogate rho" column is the search's surrogate, refitted on the search's trials with that lever,
-ranking the report's mixtures against the truth. One table at the end holds every testbed and lever.
+column is that pick's real runs (seed 0 chose it; the other seeds check it). One table at the end holds
+every testbed and lever.
 
 Demo scale on 2 CPU cores: 25 minutes per testbed measured with the base, experts and search cached
 (24 mixture runs of 300 steps, ~60 s each with other work on the machine); add ~7 minutes from nothing.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from typing import Any
 
@@ -73,32 +72,18 @@ def _trained_for_real(d: dict[str, Any]) -> str:
     return "trained for real (objective, ± 1.96 item se): " + "; ".join(parts)
 
 
-def _scale_lever(recipe: Recipe, d: dict[str, Any], scales: list[float]) -> list[str]:
-    """Merge ρ on the objective of the report's mixtures with the task vectors scaled by each s."""
-    from mergemix.pipeline import run_proposal, start
-
-    ws = start(recipe)
-    proposed = run_proposal(ws)  # everything cached: experts, trials
-    names, objective = recipe.domain_names, proposed.search.objective
-    truth = np.array([m["truth"]["objective"] for m in d["mixtures"]])
-    seeds = np.array([[s["objective"] for s in m["truth_seeds"]] for m in d["mixtures"]])
-    lines = []
+def _proxy_agreement(ws: Any, proposed: Any, objective: Any, d: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The merged proxy of `proposed` (its merger: its experts, its merge settings) at the report's mixtures,
+    scored with `objective`, against the truth (objective, mean over seeds)."""
+    names = list(next(iter(d["mixtures"]))["alpha"])
+    proxy = []
     try:
-        for s in scales:
-            proxy = []
-            for m in d["mixtures"]:
-                proposed.merger.apply([s * m["alpha"][n] for n in names])
-                proxy.append(objective(proposed.evaluator(ws.model))[2])
-            a = agreement(proxy, truth, n_boot=recipe.report.bootstrap, seed=recipe.seed)
-            per_seed = [agreement(proxy, seeds[:, k], n_boot=100)["spearman"] for k in range(seeds.shape[1])]
-            one_seed = np.mean([math.nan if r is None else r for r in per_seed])
-            best = d["mixtures"][int(np.argmax(proxy))]["label"]
-            lines.append(f"  merge scale s={s:g}: objective rho {_rho(a)}  vs one seed {fmt(float(one_seed))}  "
-                         f"proxy's best mixture: {best} (truly #{a['true_rank']}); proxy objective "
-                         f"{min(proxy):.3f}..{max(proxy):.3f}")
+        for m in d["mixtures"]:
+            proposed.merger.apply([m["alpha"][n] for n in names])
+            proxy.append(objective(proposed.evaluator(ws.model))[2])
     finally:
         proposed.merger.restore()
-    return lines
+    return agreement(proxy, [m["truth"]["objective"] for m in d["mixtures"]], n_boot=1000, seed=seed)
 
 
 def _surrogate_rho(recipe: Recipe, proposed: Any, d: dict[str, Any]) -> float | None:
@@ -122,30 +107,58 @@ def _surrogate_rho(recipe: Recipe, proposed: Any, d: dict[str, Any]) -> float | 
     return agreement(pred, [m["truth"]["objective"] for m in d["mixtures"]], n_boot=100)["spearman"]
 
 
-def _lever_row(recipe: Recipe, d: dict[str, Any], testbed: str) -> dict[str, Any]:
-    """The search run again under `recipe` (another surrogate prior) and its proposal trained for real with
-    the report's seeds (reused where it is one of the report's mixtures; saved with the report's runs)."""
-    from mergemix.pipeline import benchmark_key, run_proposal, start
+def _truth_key(recipe: Recipe, ws: Any) -> str:
+    """What the real runs of `recipe` depend on (the report's run key of the uniform mixture, seed 0)."""
+    from mergemix.pipeline import benchmark_key
+    from mergemix.report.mixtures import run_key
+
+    uniform = {n: 1 / len(recipe.domain_names) for n in recipe.domain_names}
+    return run_key(recipe, ws.base_hash, ws.blocks, uniform, 0, benchmark_key(recipe, ws))
+
+
+def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], ref: tuple[Any, Any]) -> dict[str, Any]:
+    """The proposal run again with the override `lever` (its own run directory for an experts.* lever); its
+    merged proxy ranked against the report's real runs and its proposal trained for real with the report's
+    seeds (reused where it is one of the report's mixtures; saved with the report's runs). `ref`: the recipe's
+    (workspace, proposal), whose objective normalizes every score."""
+    from mergemix.pipeline import run_proposal, start
     from mergemix.report.mixtures import Mixture, mixture_run, run_key
     from mergemix.search.trials import alpha_key
 
+    ref_ws, ref_proposed = ref
+    overrides = [*settings, f"report.steps={d['settings']['mixture_steps']}", lever]
+    if lever.startswith("experts."):
+        slug = "".join(c if c.isalnum() else "-" for c in lever)
+        overrides.append(f"run_dir={ref_ws.run_dir}/lever-{slug}")
+    recipe = load_recipe(path, overrides)
     ws = start(recipe)
+    if _truth_key(recipe, ws) != _truth_key(ref_ws.recipe, ref_ws):
+        raise SystemExit(f"--lever {lever}: it changes how the real runs train (or what scores them), so the "
+                         "report's runs cannot judge it; choose a lever of the search, the merge or the experts' "
+                         "horizon and replay")
     proposed = run_proposal(ws)
     assert proposed is not None and ws.model is not None
+    objective = ref_proposed.search.objective
     star = proposed.proposal.alpha_star
     known = {alpha_key(m["alpha"]): m for m in d["mixtures"]}
     if alpha_key(star) in known:
         seeds = [s["objective"] for s in known[alpha_key(star)]["truth_seeds"]]
     else:
-        bench = benchmark_key(recipe, ws)
         seeds = []
-        for s in range(recipe.report.seeds):
-            key = run_key(recipe, ws.base_hash, ws.blocks, star, s, bench)
-            rec = mixture_run(recipe, ws.model, ws.blocks, Mixture("proposal", star), s, key,
-                              ws.run_dir / "report" / "runs", proposed.evaluator)
-            seeds.append(proposed.search.objective(rec["raw"])[2])
-    return {"testbed": testbed, "lever": f"prior={recipe.search.surrogate_prior}", "proposal": seeds,
-            "surrogate_rho": _surrogate_rho(recipe, proposed, d), "alpha": star}
+        for s in range(ref_ws.recipe.report.seeds):
+            key = run_key(recipe, ref_ws.base_hash, ref_ws.blocks, star, s, _bench_key(ref_ws))
+            rec = mixture_run(ref_ws.recipe, ref_ws.model, ref_ws.blocks, Mixture("proposal", star), s, key,
+                              ref_ws.run_dir / "report" / "runs", ref_proposed.evaluator)
+            seeds.append(objective(rec["raw"])[2])
+    return {"lever": lever, "proposal": seeds, "alpha": star,
+            "merge": _proxy_agreement(ws, proposed, objective, d, recipe.seed),
+            "surrogate_rho": _surrogate_rho(recipe, proposed, d)}
+
+
+def _bench_key(ws: Any) -> str:
+    from mergemix.pipeline import benchmark_key
+
+    return benchmark_key(ws.recipe, ws)
 
 
 def _cells(row: dict[str, Any], d: dict[str, Any]) -> str:
@@ -156,18 +169,17 @@ def _cells(row: dict[str, Any], d: dict[str, Any]) -> str:
     def mean(seeds: list[float]) -> str:
         return f"{np.mean(seeds):.3f} ({', '.join(f'{v:.3f}' for v in seeds)})"
 
-    return (f"{row['testbed']:<8}{row['lever']:<16}{_rho(obj['merge']):>20}{fmt(obj['ceiling']):>9}"
+    return (f"{row['testbed']:<8}{row['lever']:<34}{_rho(row.get('merge', obj['merge'])):>20}{fmt(obj['ceiling']):>9}"
             f"{best + ' ' + fmt(obj[best]['spearman']):>22}"
             f"{fmt(obj['interpolation']['spearman']):>8}{fmt(row['surrogate_rho']):>11}   {mean(row['proposal']):<26}"
             f"{mean([s['objective'] for s in real['uniform']]):<26}{mean([s['objective'] for s in real['token_prior']])}")
 
 
-TABLE_HEAD = (f"{'testbed':<8}{'lever':<16}{'merge rho [95%]':>20}{'ceiling':>9}{'best no-model':>22}{'interp':>8}"
+TABLE_HEAD = (f"{'testbed':<8}{'lever':<34}{'merge rho [95%]':>20}{'ceiling':>9}{'best no-model':>22}{'interp':>8}"
               f"{'surr. rho':>11}   {'proposal real (seeds)':<26}{'uniform real':<26}token-prop. real")
 
 
-def report_one(path: str, scale: str, overrides: list[str], scales: list[float],
-               priors: list[str]) -> list[str]:
+def report_one(path: str, scale: str, overrides: list[str], levers: list[str]) -> list[str]:
     """Print one testbed's rank consistency; return its lines of the lever table."""
     name = load_recipe(path).name
     extra = LARGE_DATA.get(name, []) if scale == "large" else []
@@ -196,50 +208,46 @@ def report_one(path: str, scale: str, overrides: list[str], scales: list[float],
     print(_trained_for_real(d))
     for w in result.warnings:
         print(f"warning: {w}")
-    if scales:
-        print("\n".join(_scale_lever(recipe, d, scales)))
     d["token_prior"] = [next(m for m in d["mixtures"] if m["label"] == "token_prior")["alpha"][n]
                         for n in recipe.domain_names]
     proposed_seeds = [s["objective"] for s in next(m for m in d["mixtures"] if m["label"] == "proposal")["truth_seeds"]]
-    rows = [{"testbed": recipe.name, "lever": f"prior={recipe.search.surrogate_prior}", "proposal": proposed_seeds,
-             "surrogate_rho": _surrogate_rho(recipe, _proposed(recipe), d)}]
-    for prior in priors:
-        if prior != recipe.search.surrogate_prior:
-            rows.append(_lever_row(load_recipe(path, [*settings, f"search.surrogate_prior={prior}"]), d, recipe.name))
-            print(f"  surrogate prior {prior}: proposal {rows[-1]['alpha']}, trained for real "
-                  f"{', '.join(f'{v:.3f}' for v in rows[-1]['proposal'])}")
+    ref = _proposed(recipe)
+    rows = [{"lever": "recipe", "proposal": proposed_seeds, "surrogate_rho": _surrogate_rho(recipe, ref[1], d)}]
+    for lever in levers:
+        rows.append(_lever_row(path, settings, lever, d, ref))
+        print(f"  {lever}: merge rho {_rho(rows[-1]['merge'])}; proposal {rows[-1]['alpha']}, trained for real "
+              f"{', '.join(f'{v:.3f}' for v in rows[-1]['proposal'])}")
     # search.verify_real=1 trains the proposal, uniform and token-proportional with seed number 0 for
     # report.steps: exactly the report's seed-0 runs. Its pick is judged on the other seeds.
     real = {m["label"]: [s["objective"] for s in m["truth_seeds"]] for m in d["mixtures"]}
     pick = max(("proposal", "uniform", "token_prior"), key=lambda k: real[k][0])
-    rows.append({"testbed": recipe.name, "lever": "verify_real=1", "proposal": real[pick], "surrogate_rho": None})
+    rows.append({"lever": "verify_real=1", "proposal": real[pick], "surrogate_rho": None})
     print(f"  verify_real=1 (the report's seed-0 runs of proposal, uniform, token-proportional) picks {pick}; "
           "the other seeds are its held-out check")
     print(f"{time.perf_counter() - start:.0f} s; report in {recipe.resolved_run_dir() / 'report' / 'index.html'}")
-    return [_cells(r, d) for r in rows]
+    return [_cells({"testbed": recipe.name, **r}, d) for r in rows]
 
 
-def _proposed(recipe: Recipe) -> Any:
-    """The recipe's proposal again, everything reused from its run directory."""
+def _proposed(recipe: Recipe) -> tuple[Any, Any]:
+    """The recipe's workspace and proposal again, everything reused from its run directory."""
     from mergemix.pipeline import run_proposal, start
 
-    return run_proposal(start(recipe))
+    ws = start(recipe)
+    return ws, run_proposal(ws)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", action="append", help="recipe to run (repeatable; default: the demo and ledger)")
     p.add_argument("--scale", choices=sorted(SCALES), default="demo")
-    p.add_argument("--merge-scales", type=lambda v: [float(x) for x in v.split(",")], default=[],
-                   help="merge scales s to compare, comma-separated, e.g. 1,2")
-    p.add_argument("--surrogate-priors", type=lambda v: v.split(","), default=[],
-                   help="surrogate-prior levers to compare with the recipe's, e.g. residual,feature")
+    p.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                   help="a lever to compare with the recipe (repeatable), e.g. merge.scale=2 or experts.steps=75")
     p.add_argument("overrides", nargs="*", help="recipe overrides for every recipe, e.g. report.mixtures=16")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     table = [TABLE_HEAD]
     for path in args.recipe or RECIPES:
-        table += report_one(path, args.scale, args.overrides, args.merge_scales, args.surrogate_priors)
+        table += report_one(path, args.scale, args.overrides, args.lever)
     print("\n" + "\n".join(table))
     print("merge rho, ceiling, no-model and interpolation rho: objective, truth = mean over seeds; real: objective "
           "of each mixture trained for real (mean, then each seed); higher is better")

@@ -4,9 +4,9 @@ The base is sharded with FSDP2 (torch's `fully_shard`), so each of N processes h
 process's InPlaceMerger keeps and merges only its rows of every parameter (mergemix.merge.inplace): 1/N of the
 base copy and of the K task vectors. A forward pass of a sharded model is a collective (each layer gathers its
 weights from every process), so every process must make the same forward passes in step. The main process
-runs the search as a single process would (strategies, surrogate, trial log, proposal) and, before each merge
-and evaluation it makes, broadcasts the α to the others; they merge their shard and make the same evaluation,
-discarding its scores, until told to stop. Every process scores the same items: the forward passes are the
+runs the search as a single process would (strategies, surrogate, trial log, the proposal's guard) and, before
+each merge and evaluation it makes, broadcasts the α and the kind of evaluation to the others; they merge
+their shard and make the same evaluation, discarding its scores, until told to stop. Every process scores the same items: the forward passes are the
 main process's own, so the scores equal a single process's; splitting the items over the processes (faster)
 is a follow-up.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,27 +53,29 @@ def _broadcast(command: Any = None) -> Any:
     return box[0]
 
 
+def tell(method: str, alpha: dict[str, float]) -> None:
+    """On the main process, before it merges with `alpha` and evaluates by its scoring's `method`: the other
+    processes (in `follow`) do the same."""
+    _broadcast((method, alpha))
+
+
 @contextmanager
-def leading(evaluate_alpha: Callable[[dict[str, float]], Any]) -> Iterator[Callable[[dict[str, float]], Any]]:
-    """On the main process: `evaluate_alpha` that first sends its α to the other processes (in `follow`), so
-    they merge and evaluate with it; they are told to stop when the body ends, by an error too."""
-
-    def evaluate(alpha: dict[str, float]) -> Any:
-        _broadcast(alpha)
-        return evaluate_alpha(alpha)
-
+def leading() -> Iterator[None]:
+    """On the main process, around everything it `tell`s: the other processes are told to stop when the body
+    ends, by an error too."""
     try:
-        yield evaluate
+        yield
     finally:
         _broadcast(None)
 
 
-def follow(evaluate_alpha: Callable[[dict[str, float]], Any]) -> int:
-    """On every other process: evaluate each α the main process sends (its results dropped) until it says
-    stop; returns how many."""
+def follow(scoring: Any) -> int:
+    """On every other process: make each merge and evaluation the main process tells of, by the same method
+    of `scoring` (the results are dropped), until it says stop; returns how many."""
     n = 0
-    while (alpha := _broadcast()) is not None:
-        evaluate_alpha(alpha)
+    while (command := _broadcast()) is not None:
+        method, alpha = command
+        getattr(scoring, method)(alpha)
         n += 1
     log.info("followed the main process's search: %d evaluations", n)
     return n

@@ -6,11 +6,10 @@ data → base → packed blocks → experts → in-place merger → search → m
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 
 from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
-from mergemix.collective import follow, leading, processes, shard_model
+from mergemix.collective import follow, leading, processes, shard_model, tell
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
-from mergemix.evaluate import Evaluator, read_benchmarks
+from mergemix.evaluate import Evaluator, Items, read_benchmarks
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
@@ -179,24 +178,34 @@ def _scored(t: Trial, predicted: float | None = None) -> Scored:
                   predicted=None if predicted is None else round(predicted, 6))
 
 
-def _margins(result: SearchResult) -> list[Margin]:
+def _margins(result: SearchResult, s: Scoring) -> list[Margin]:
     """The guard: the proposal's objective minus uniform's and token-proportional's, with a 95% interval
-    from item noise (1.96 x the root of the two standard errors squared) and the surrogate's predicted
-    margin; logs a warning when the interval reaches 0."""
+    from item noise, paired item by item (the three merges are scored again for their per-item values:
+    three more merges; `Objective.diff_se`), and the surrogate's predicted margin; logs a warning when the
+    interval reaches 0. The model is the base again afterwards."""
     star, objective = result.star, result.objective
-    out = []
-    for label, kind in (("uniform", "uniform"), ("token-proportional", "token_prior")):
-        b = result.by_kind(kind)
-        diff = star.objective - b.objective
-        half = 1.96 * math.hypot(objective.se(star.raw), objective.se(b.raw))
-        pred = None if result.predicted_star is None else round(result.predicted_star - b.objective, 6)
-        m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
-                   predicted=pred)
-        if m.within_noise:
-            log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
-                        "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
-        out.append(m)
+    try:
+        items = s.items_at(star.alpha)
+        out = []
+        for label, kind in (("uniform", "uniform"), ("token-proportional", "token_prior")):
+            b = result.by_kind(kind)
+            out.append(_margin(label, star, b, objective.diff_se(star.raw, b.raw, items, s.items_at(b.alpha)),
+                               result.predicted_star))
+    finally:
+        s.merger.restore()
     return out
+
+
+def _margin(label: str, star: Trial, b: Trial, se: float, predicted_star: float | None) -> Margin:
+    """One baseline's margin (see `_margins`), `se` the standard error of the difference."""
+    diff, half = star.objective - b.objective, 1.96 * se
+    pred = None if predicted_star is None else round(predicted_star - b.objective, 6)
+    m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
+               predicted=pred)
+    if m.within_noise:
+        log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
+                    "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
+    return m
 
 
 @dataclass
@@ -207,11 +216,24 @@ class Scoring:
     merger: InPlaceMerger
     model: torch.nn.Module
     names: list[str]  # the domains, in the order of the merger's experts
+    # the main process of a launch's collective search: each merge and evaluation it makes is first sent to
+    # the other processes, which make it with it (mergemix.collective.follow)
+    leads: bool = False
 
     def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
         """Merge the experts with weights `alpha` (domain → weight) into the model and score it."""
-        self.merger.apply([alpha[d] for d in self.names])
+        self._merge("evaluate_alpha", alpha)
         return self.evaluator(self.model)
+
+    def items_at(self, alpha: dict[str, float]) -> Items:
+        """Merge with weights `alpha` and score it item by item (`Evaluator.items`)."""
+        self._merge("items_at", alpha)
+        return self.evaluator.items(self.model)
+
+    def _merge(self, method: str, alpha: dict[str, float]) -> None:
+        if self.leads:
+            tell(method, alpha)
+        self.merger.apply([alpha[d] for d in self.names])
 
     def differentiable(self) -> GradientObjective:
         """The objective as a function differentiable in α (strategy gradient)."""
@@ -314,49 +336,47 @@ def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) ->
     ws = start(recipe)
     if worker:
         _experts(ws, train=False)
-        result = _search(ws, strategy)[0]
-        assert result is not None  # one process
-        return result
+        return _search(ws, scoring(ws), strategy)[0]
     proposed = run_proposal(ws, strategy, train=False)
     assert proposed is not None  # one process: it is the main one
     return proposed
 
 
-def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult | None, Bounds, Scoring]:
-    """Search over the workspace's experts: the trials' result (None on the other processes of a launch), the
-    bounds, and the scoring (its model is the base again).
-
-    Under a multi-process launch every process searches together (mergemix.collective): the model is sharded
-    with FSDP2, each process merges its shard, and the main process's search sends each α it evaluates to
-    the others, which merge and evaluate it in step. The workspace's model is then sharded: see `_unshard`."""
+def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResult, Bounds]:
+    """Search over the workspace's experts, scored by `s`: the trials' result and the bounds."""
     recipe = ws.recipe
-    assert ws.model is not None
-    launch = processes() > 1
     with ws.timings.stage("search"):
-        if launch:
-            shard_model(ws.model)
-        s = scoring(ws)
         names = recipe.domain_names
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
-        result = None
-        if launch and not is_main_process():
-            follow(s.evaluate_alpha)
-        else:
-            with leading(s.evaluate_alpha) if launch else nullcontext(s.evaluate_alpha) as evaluate_alpha:
-                result = run_hierarchical(recipe, evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
-                                          evaluation_key(recipe, ws), bounds, strategy,
-                                          None if launch else s.differentiable())
+        result = run_hierarchical(recipe, s.evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
+                                  evaluation_key(recipe, ws), bounds, strategy,
+                                  None if s.leads else s.differentiable())
         s.merger.restore()
-    return result, bounds, s
+    return result, bounds
 
 
-def _unshard(ws: Workspace) -> None:
-    """Give every process the whole base back after a launch's sharded search, for what follows (the report's
-    mixture runs train from it): read again from the base's checkpoint, which the sharded model equals."""
+def _collective(ws: Workspace, strategy: str | None) -> Proposed | None:
+    """`_propose` under a multi-process launch, made by every process together (mergemix.collective): the
+    model is sharded with FSDP2 and each process's merger holds its shard; the main process proposes, sending
+    each merge and evaluation it makes to the others, which make them in step until it is done. Then every
+    process reads the whole base again for what follows (the report's mixture runs train from it; the sharded
+    model equals it), and the main process's `Proposed.merger` is a whole one, built when first used."""
+    assert ws.model is not None
+    shard_model(ws.model)
+    s = scoring(ws)
+    proposed = None
+    if is_main_process():
+        s.leads = True
+        with leading():
+            proposed = _propose(ws, s, strategy)
+    else:
+        follow(s)
+    del s  # the sharded merger, before the whole base is read
     log.info("the search is done: reading the whole base again for the stages that follow")
-    ws.model = None  # the sharded model, before the whole one is read
+    ws.model = None
     _load_model(ws)
+    return None if proposed is None else replace(proposed, make_merger=lambda: merger(ws))
 
 
 def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:
@@ -371,27 +391,25 @@ def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -
 def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True) -> Proposed | None:
     """Experts → search → mixture → proposal.json, on a workspace from `start`. `strategy` overrides
     search.strategy; without `train` the experts must already be in the run directory. Under a multi-process
-    launch every process searches (see `_search`); the main process alone goes on (None elsewhere), every
-    process with the whole base again."""
+    launch every process searches (`_collective`); the main process returns what it proposed, the others
+    None."""
+    _experts(ws, train)
+    if processes() > 1:
+        return _collective(ws, strategy)
+    return _propose(ws, scoring(ws), strategy)
+
+
+def _propose(ws: Workspace, s: Scoring, strategy: str | None) -> Proposed:
+    """Search → mixture → proposal.json over the workspace's experts, scored by `s`."""
     recipe = ws.recipe
     names = recipe.domain_names
-    _experts(ws, train)
-    result, bounds, s = _search(ws, strategy)
-    evaluator = s.evaluator
-    if processes() > 1:
-        del s  # the sharded merger
-        _unshard(ws)
-        make_merger: Callable[[], InPlaceMerger] = lambda: merger(ws)  # noqa: E731
-    else:
-        make_merger = lambda: s.merger  # noqa: E731
-    if result is None:
-        return None
+    result, bounds = _search(ws, s, strategy)
     real = None
     if recipe.search.verify_real:
         from mergemix.verify_real import verify_real
 
         with ws.timings.stage("verify_real"):
-            star, real = verify_real(ws, result, bounds, evaluator)
+            star, real = verify_real(ws, result, bounds, s.evaluator)
         result = replace(result, star=star, predicted_star=star.predicted)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
@@ -424,10 +442,10 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
             group_shares={g: round(sum(result.star.alpha[d] for d in ds), 6) for g, ds in groups.items()},
             weights=result.objective.weights(),
             normalization=result.objective.references(),
-            margins=_margins(result),
+            margins=_margins(result, s),
             verify_real=real,
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
     log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
-    return Proposed(proposal, result, evaluator, make_merger)
+    return Proposed(proposal, result, s.evaluator, lambda: s.merger)

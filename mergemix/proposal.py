@@ -49,8 +49,9 @@ class Signal(_Frozen):
 
 class Margin(_Frozen):
     """How much the proposal beats a baseline on the objective: verified by real merge + evaluation, with a
-    95% interval from the item noise of both scores (benchmarks and the two mixtures taken as independent),
-    and as the surrogate predicted it. Within noise: the interval reaches 0 or below."""
+    95% interval from item noise (benchmarks independent; the two merges compared item by item, so what the
+    items share cancels: `Objective.diff_se`), and as the surrogate predicted it. Within noise: the interval
+    reaches 0 or below. Item noise is the proxy's own: a real training run adds seed noise on top."""
 
     baseline: str
     verified: float

@@ -100,11 +100,13 @@ def test_two_process_propose_searches_together_like_one_process(recipe_file: Pat
     _run([sys.executable, *cmd, f"run_dir={one}"])
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "proposal.json", "timings.json"))
     log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
-    assert log.count("stage search ...") == 2  # both processes searched
+    assert log.count("stage search ...") == 1  # the main process runs the search, the other follows it
     assert log.count("wrote ") == 1  # the main process alone reports
     want, got = _trials(one), _trials(two)
     followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
-    assert followed == [len(want)]  # the other process evaluated every trial with the main one
+    # the other process made every merge and evaluation with the main one: each trial's and the guard's three
+    # (the proposal, uniform and token-proportional scored again item by item)
+    assert followed == [len(want) + 3]
     assert [t["alpha"] for t in got] == [t["alpha"] for t in want]  # one writer: no trial twice
     for a, b in zip(want, got, strict=True):
         assert b["objective"] == pytest.approx(a["objective"], abs=1e-5), a["alpha"]

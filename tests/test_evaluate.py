@@ -65,6 +65,9 @@ def test_multiple_choice_matches_unbatched_scoring(tiny_lm: tuple[Any, Any], tmp
     assert result["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
     assert result["score"] == pytest.approx(sum(margin) / 3, abs=1e-4)
     assert result["chance"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 2) / 3)
+    items = bench.item_values(model)  # what the paired guard compares: one value per item, in item order
+    assert items["acc"].tolist() == acc
+    assert items["score"].tolist() == pytest.approx(margin, abs=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +100,10 @@ def test_perplexity_is_mean_token_loss(tiny_lm: tuple[Any, Any], tmp_path: Path)
         expected = model(input_ids=blocks, labels=blocks).loss.item()
     assert result["loss"] == pytest.approx(expected, rel=1e-4)
     assert result["loss_se"] > 0 and result["n"] == 5
+    with torch.no_grad():
+        per_block = [model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks]
+    bench = Perplexity(spec, _ctx(tok, tmp_path, {"d": blocks}), None)
+    assert bench.item_values(model)["loss"].tolist() == pytest.approx(per_block, rel=1e-4)
 
 
 def test_token_nll_in_chunks_equals_one_float32_pass() -> None:

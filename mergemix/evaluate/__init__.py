@@ -11,12 +11,12 @@ import torch
 from mergemix.data.readers import resolve_paths
 from mergemix.errors import MergemixError
 from mergemix.evaluate import generation as _generation  # noqa: F401  (registers the generation kind)
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext
+from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, Items
 from mergemix.evaluate.lmeval import LmEval  # noqa: F401  (registers kind lm_eval; lm-eval itself loads lazily)
 from mergemix.evaluate.objective import Objective
 from mergemix.recipe import Recipe, looks_like_test_split
 
-__all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Evaluator", "Objective", "read_benchmarks"]
+__all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Evaluator", "Items", "Objective", "read_benchmarks"]
 
 
 def read_benchmarks(recipe: Recipe, cache_dir: Path) -> dict[str, Any]:
@@ -61,3 +61,10 @@ class Evaluator:
         """benchmark → metric → value (plus `<metric>_se` standard errors) for `model` as it is now."""
         model.eval()
         return {name: bench.score(model) for name, bench in self.benchmarks.items()}
+
+    @torch.no_grad()
+    def items(self, model: torch.nn.Module) -> Items:
+        """benchmark → metric → per-item values for `model` as it is now, for every benchmark whose kind gives
+        them (not lm_eval): two models scored here are compared item by item (`Objective.diff_se`)."""
+        model.eval()
+        return {name: bench.item_values(model) for name, bench in self.benchmarks.items() if bench.paired}

@@ -21,7 +21,7 @@ import torch
 
 from mergemix.data.readers import read_records, resolve_paths
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, mean_se, model_device
+from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, model_device
 from mergemix.modeling import max_positions
 from mergemix.recipe import BenchmarkSpec
 
@@ -154,6 +154,7 @@ class Generation(Benchmark):
 
     metrics = ("exact_match", "f1")
     higher_is_better = {"exact_match": True, "f1": True}
+    chance = 0.0
 
     @staticmethod
     def read(spec: BenchmarkSpec, cache_dir: Path) -> list[GenRecord]:
@@ -196,10 +197,7 @@ class Generation(Benchmark):
                 out[i] = text.strip()
         return out
 
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         preds = self.answers(model)
-        result = {"n": float(len(self.items)), "chance": 0.0}
-        for name, fn in (("exact_match", exact_match), ("f1", token_f1)):
-            values = torch.tensor([fn(p, it.answers) for p, it in zip(preds, self.items, strict=True)])
-            result[name], result[f"{name}_se"] = mean_se(values)
-        return result
+        return {name: torch.tensor([fn(p, it.answers) for p, it in zip(preds, self.items, strict=True)])
+                for name, fn in (("exact_match", exact_match), ("f1", token_f1))}

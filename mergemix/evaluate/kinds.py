@@ -61,8 +61,27 @@ class Benchmark:
     def read(spec: BenchmarkSpec, cache_dir: Path) -> Any:
         raise NotImplementedError
 
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    chance: float | None = None  # the score of guessing, where the kind has one (the objective maps it to 0)
+    paired: ClassVar[bool] = True  # whether `item_values` gives each item's values (two models compared item by item)
+
+    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """metric → its value on every item, in the same item order on every call: what `score` averages, and
+        what compares two models item by item (paired noise, `Objective.diff_se`)."""
         raise NotImplementedError
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        """Each metric's mean over items and its standard error (`<metric>_se`), the items scored (`n`), and
+        `chance` where the kind has one."""
+        values = self.item_values(model)
+        result = {"n": float(len(next(iter(values.values()))))}
+        if self.chance is not None:
+            result["chance"] = self.chance
+        for name, v in values.items():
+            result[name], result[f"{name}_se"] = mean_se(v)
+        return result
+
+
+Items = dict[str, dict[str, torch.Tensor]]  # benchmark → metric → per-item values (Benchmark.item_values)
 
 
 BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark kind")
@@ -117,15 +136,15 @@ class Perplexity(Benchmark):
         self.blocks = blocks
 
     @torch.no_grad()
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Each block's mean next-token loss."""
         dev = model_device(model)
         losses = []
         for i in range(0, len(self.blocks), self.ctx.batch_size):
             batch = self.blocks[i : i + self.ctx.batch_size].to(dev)
             logits = model(input_ids=batch).logits[:, :-1]
             losses.append(token_nll(logits, batch[:, 1:]).mean(dim=1).cpu())
-        mean, se = mean_se(torch.cat(losses))
-        return {"loss": mean, "loss_se": se, "n": float(len(self.blocks))}
+        return {"loss": torch.cat(losses)}
 
 
 LOGIT_CHUNK = 4096  # positions per float32 log-softmax: 4096 x a 128k vocabulary is 2 GiB
@@ -376,7 +395,7 @@ class MultipleChoice(Benchmark):
             answer=rec.answer,
         )
 
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         scored = score_requests(model, self.requests, self.ctx.batch_size)
         values: dict[str, list[float]] = {m: [] for m in self.metrics}
         for it in self.items:
@@ -390,10 +409,7 @@ class MultipleChoice(Benchmark):
             values["blank_ppl"].append(float(_argmax(cloze) == it.answer))
             values["score"].append(per_tok[it.answer] - sum(wrong) / len(wrong))
             values["margin"].append(per_tok[it.answer] - max(wrong))
-        result = {"n": float(len(self.items)), "chance": self.chance}
-        for name, v in values.items():
-            result[name], result[f"{name}_se"] = mean_se(torch.tensor(v))
-        return result
+        return {name: torch.tensor(v) for name, v in values.items()}
 
 
 def _argmax(values: list[float]) -> int:

@@ -161,6 +161,7 @@ class LmEval(Benchmark):
                "bits_per_byte")
     higher_is_better = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True, "mcc": True, "bleu": True,
                         "word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
+    paired = False  # lm-eval reports aggregates: two models are compared by their standard errors alone
 
     @staticmethod
     def read(spec: BenchmarkSpec, cache_dir: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS
+from mergemix.evaluate.kinds import BENCHMARKS, Items
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,25 @@ class Objective:
             lo, hi = self.refs[b.name]
             span = hi - lo if abs(hi - lo) > 1e-9 else 1.0
             se = raw[b.name].get(f"{b.objective_metric}_se", float("nan"))
+            var += (c * se / span) ** 2 if math.isfinite(se) else 0.0
+        return math.sqrt(var)
+
+    def diff_se(self, a: Raw, b: Raw, items_a: Items, items_b: Items) -> float:
+        """Standard error over benchmark items of objective(a) − objective(b) for two models scored on the same
+        items (benchmarks independent): from the per-item differences where both have per-item values
+        (`Evaluator.items`), which cancels what the two share (an item hard for both); else, for that
+        benchmark, from the two standard errors in quadrature, as if the two were independent."""
+        var = 0.0
+        for bench, c in self.coefficients().items():
+            spec = next(x for x in self.spec.benchmarks if x.name == bench)
+            lo, hi = self.refs[bench]
+            span = hi - lo if abs(hi - lo) > 1e-9 else 1.0
+            m = spec.objective_metric
+            if bench in items_a and bench in items_b:
+                d = (items_a[bench][m] - items_b[bench][m]).double()
+                se = float(d.std(unbiased=True)) / math.sqrt(d.numel()) if d.numel() > 1 else math.nan
+            else:
+                se = math.hypot(a[bench].get(f"{m}_se", math.nan), b[bench].get(f"{m}_se", math.nan))
             var += (c * se / span) ** 2 if math.isfinite(se) else 0.0
         return math.sqrt(var)
 

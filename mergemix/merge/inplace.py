@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 Expert = Mapping[str, torch.Tensor] | LoraExpert
 Experts = Sequence[Expert] | Mapping[str, Expert]
-CHUNK = 1 << 20  # weighted task-vector entries per step (K × step): 4 MiB of float32, held in cache
+CHUNK = 1 << 17  # weighted task-vector entries per step (K × step): 512 KiB of float32, held in L2
+# (benchmarks/merge_speed.py, 22M parameters, K = 4: 2^17 5.34 copies, 2^16 5.82, 2^18 5.47, 2^20 5.87)
 ALIGN = 256  # entries: steps inside a tensor start at multiples of this from its start (see _chunks)
 
 
