@@ -6,9 +6,9 @@ base copy and of the K task vectors. A forward pass of a sharded model is a coll
 weights from every process), so every process must make the same forward passes in step. The main process
 runs the search as a single process would (strategies, surrogate, trial log, the proposal's guard) and, before
 each merge and evaluation it makes, broadcasts the α and the kind of evaluation to the others; they merge
-their shard and make the same evaluation, discarding its scores, until told to stop. Every process scores the same items: the forward passes are the
-main process's own, so the scores equal a single process's; splitting the items over the processes (faster)
-is a follow-up.
+their shard and make the same evaluation, discarding its scores, until told to stop. Every process scores
+the same items, so the main process's scores are a single process's (each layer is gathered whole while it
+runs) and the search takes a single process's time; splitting the items over the processes is a follow-up.
 """
 
 from __future__ import annotations
