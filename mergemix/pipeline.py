@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -266,14 +265,6 @@ class Proposed:
     proposal: Proposal
     search: SearchResult
     evaluator: Evaluator
-    make_merger: Callable[[], InPlaceMerger]
-
-    @cached_property
-    def merger(self) -> InPlaceMerger:
-        """A merger of the experts on the workspace's model: the search's own in a single process. A launch's
-        search merged shards of a sharded model; a whole merger is built here, on first use (the report's
-        merged proxies and interference, on the main process)."""
-        return self.make_merger()
 
 
 def propose(recipe: Recipe) -> Proposal | None:
@@ -356,12 +347,15 @@ def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResu
     return result, bounds
 
 
-def _collective(ws: Workspace, strategy: str | None) -> Proposed | None:
+Then = Callable[[Proposed, Scoring], None]
+
+
+def _collective(ws: Workspace, strategy: str | None, then: Then | None) -> Proposed | None:
     """`_propose` under a multi-process launch, made by every process together (mergemix.collective): the
-    model is sharded with FSDP2 and each process's merger holds its shard; the main process proposes, sending
-    each merge and evaluation it makes to the others, which make them in step until it is done. Then every
-    process reads the whole base again for what follows (the report's mixture runs train from it; the sharded
-    model equals it), and the main process's `Proposed.merger` is a whole one, built when first used."""
+    model is sharded with FSDP2 and each process's merger holds its shard; the main process proposes (and
+    runs `then`), sending each merge and evaluation it makes to the others, which make them in step until it
+    is done. Then every process reads the whole base again for what follows (the report's mixture runs train
+    from it; the sharded model equals it)."""
     assert ws.model is not None
     shard_model(ws.model)
     s = scoring(ws)
@@ -369,14 +363,14 @@ def _collective(ws: Workspace, strategy: str | None) -> Proposed | None:
     if is_main_process():
         s.leads = True
         with leading():
-            proposed = _propose(ws, s, strategy)
+            proposed = _propose(ws, s, strategy, then)
     else:
         follow(s)
     del s  # the sharded merger, before the whole base is read
     log.info("the search is done: reading the whole base again for the stages that follow")
     ws.model = None
     _load_model(ws)
-    return None if proposed is None else replace(proposed, make_merger=lambda: merger(ws))
+    return proposed
 
 
 def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:
@@ -388,19 +382,21 @@ def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -
                                    domains=domains, reuse_only=not train)
 
 
-def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True) -> Proposed | None:
+def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True,
+                 then: Then | None = None) -> Proposed | None:
     """Experts → search → mixture → proposal.json, on a workspace from `start`. `strategy` overrides
-    search.strategy; without `train` the experts must already be in the run directory. Under a multi-process
-    launch every process searches (`_collective`); the main process returns what it proposed, the others
-    None."""
+    search.strategy; without `train` the experts must already be in the run directory. `then(proposed, s)`
+    runs on the main process after the proposal, while `s` can still merge and score mixtures (the report's
+    merged proxies). Under a multi-process launch every process searches (`_collective`); the main process
+    returns what it proposed, the others None. The model is the base again afterwards."""
     _experts(ws, train)
     if processes() > 1:
-        return _collective(ws, strategy)
-    return _propose(ws, scoring(ws), strategy)
+        return _collective(ws, strategy, then)
+    return _propose(ws, scoring(ws), strategy, then)
 
 
-def _propose(ws: Workspace, s: Scoring, strategy: str | None) -> Proposed:
-    """Search → mixture → proposal.json over the workspace's experts, scored by `s`."""
+def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None = None) -> Proposed:
+    """Search → mixture → proposal.json over the workspace's experts, scored by `s`; then `then`."""
     recipe = ws.recipe
     names = recipe.domain_names
     result, bounds = _search(ws, s, strategy)
@@ -448,4 +444,7 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None) -> Proposed:
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
     log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
-    return Proposed(proposal, result, s.evaluator, lambda: s.merger)
+    proposed = Proposed(proposal, result, s.evaluator)
+    if then is not None:
+        then(proposed, s)
+    return proposed

@@ -116,16 +116,27 @@ def test_two_process_propose_searches_together_like_one_process(recipe_file: Pat
 
 
 def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
-    """`report` under a 2-process launch trains each mixture run data-parallel: the main process alone
-    scores and writes each run's record, and the records equal those of a one-process report. The proposal
-    (experts, trials, proxies) is made once by the one-process report and reused by the launch."""
+    """`report` under a 2-process launch merges and scores the proxies with both processes (each merging its
+    shard) and trains each mixture run data-parallel: the main process alone scores and writes each run's
+    record, and proxies and records equal those of a one-process report. The proposal (experts, trials) is
+    made once by the one-process report and reused by the launch."""
     one, two = recipe_file.parent / "report_one", recipe_file.parent / "report_two"
     report = ["report.mixtures=4", "report.seeds=1", "report.steps=4", "report.bootstrap=100",
               "report.interference_batches=0"]
     cmd = ["-m", "mergemix", "report", str(recipe_file), *report]
     _run([sys.executable, *cmd, f"run_dir={one}"])
-    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html"))
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html", "proxies.jsonl"))
     log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    proxies = [json.loads(line) for line in (one / "report" / "proxies.jsonl").read_text().splitlines()]
+    assert proxies  # mixtures the search did not score
+    followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
+    assert followed == [len(proxies) + 3]  # the proxies and the guard's three (the trials are reused)
+    again = [json.loads(line) for line in (two / "report" / "proxies.jsonl").read_text().splitlines()]
+    assert [p["alpha"] for p in again] == [p["alpha"] for p in proxies]
+    for a, b in zip(proxies, again, strict=True):
+        for bench, scores in a["raw"].items():
+            for metric, value in scores.items():
+                assert b["raw"][bench][metric] == pytest.approx(value, abs=1e-6), (a["label"], bench, metric)
     assert log.count("mixture runs: 0 of 4 already done") == 2  # both processes train every mixture run
     assert log.count("wrote ") == 1  # the main process alone reports
     assert (two / "report" / "index.html").exists()
