@@ -177,11 +177,12 @@ def _scored(t: Trial, predicted: float | None = None) -> Scored:
                   predicted=None if predicted is None else round(predicted, 6))
 
 
-def _margins(result: SearchResult, s: Scoring) -> list[Margin]:
+def _margins(result: SearchResult, s: Scoring, bounds: Bounds) -> list[Margin]:
     """The guard: the proposal's objective minus uniform's and token-proportional's, with a 95% interval
     from item noise, paired item by item (the three merges are scored again for their per-item values:
-    three more merges; `Objective.diff_se`), and the surrogate's predicted margin; logs a warning when the
-    interval reaches 0. The model is the base again afterwards."""
+    three more merges; `Objective.diff_se`), the surrogate's predicted margin, and which mixture bounds a
+    baseline breaks (it could not be proposed); logs a warning when the interval reaches 0. The model is the
+    base again afterwards."""
     star, objective = result.star, result.objective
     try:
         items = s.items_at(star.alpha)
@@ -189,18 +190,20 @@ def _margins(result: SearchResult, s: Scoring) -> list[Margin]:
         for label, kind in (("uniform", "uniform"), ("token-proportional", "token_prior")):
             b = result.by_kind(kind)
             out.append(_margin(label, star, b, objective.diff_se(star.raw, b.raw, items, s.items_at(b.alpha)),
-                               result.predicted_star))
+                               result.predicted_star, bounds.outside(b.alpha)))
     finally:
         s.merger.restore()
     return out
 
 
-def _margin(label: str, star: Trial, b: Trial, se: float, predicted_star: float | None) -> Margin:
-    """One baseline's margin (see `_margins`), `se` the standard error of the difference."""
+def _margin(label: str, star: Trial, b: Trial, se: float, predicted_star: float | None,
+            outside: dict[str, str]) -> Margin:
+    """One baseline's margin (see `_margins`), `se` the standard error of the difference, `outside` the
+    bounds the baseline breaks."""
     diff, half = star.objective - b.objective, 1.96 * se
     pred = None if predicted_star is None else round(predicted_star - b.objective, 6)
     m = Margin(baseline=label, verified=round(diff, 6), low=round(diff - half, 6), high=round(diff + half, 6),
-               predicted=pred)
+               predicted=pred, outside=outside)
     if m.within_noise:
         log.warning("the proposal beats %s by %+.3f, within item noise (95%% [%+.3f, %+.3f]): it may be no "
                     "better; more benchmark items or signal would tell", label, m.verified, m.low, m.high)
@@ -438,7 +441,7 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
             group_shares={g: round(sum(result.star.alpha[d] for d in ds), 6) for g, ds in groups.items()},
             weights=result.objective.weights(),
             normalization=result.objective.references(),
-            margins=_margins(result, s),
+            margins=_margins(result, s, bounds),
             verify_real=real,
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))

@@ -58,6 +58,7 @@ class Margin(_Frozen):
     low: float
     high: float
     predicted: float | None = None
+    outside: dict[str, str] = {}  # domain → the mixture bound the baseline breaks: it is no choice for this run
 
     @property
     def within_noise(self) -> bool:
@@ -66,8 +67,11 @@ class Margin(_Frozen):
     def line(self) -> str:
         pred = "" if self.predicted is None else f", predicted {self.predicted:+.3f}"
         warn = "  WITHIN NOISE: the proposal may be no better than this baseline" if self.within_noise else ""
+        bounds = "; ".join(f"{d} {why}" for d, why in self.outside.items())
+        bounds = f"\n  ({self.baseline} lies outside the mixture bounds: {bounds}; no mixture this run may propose)" \
+            if bounds else ""
         return (f"proposal - {self.baseline}: {self.verified:+.3f} verified, 95% [{self.low:+.3f}, {self.high:+.3f}]"
-                f"{pred}{warn}")
+                f"{pred}{warn}{bounds}")
 
 
 class RealRun(_Frozen):

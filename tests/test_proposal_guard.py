@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from mergemix.evaluate import Objective
 from mergemix.proposal import Margin
 from mergemix.recipe import BenchmarkSpec, EvalSpec
+from mergemix.search.feasible import Bounds
 
 
 def test_margin_within_noise_says_so() -> None:
@@ -16,6 +18,18 @@ def test_margin_within_noise_says_so() -> None:
     assert clear.line() == "proposal - uniform: +0.200 verified, 95% [+0.100, +0.300], predicted +0.250"
     noisy = Margin(baseline="token-proportional", verified=0.02, low=-0.03, high=0.07)
     assert noisy.within_noise and "WITHIN NOISE" in noisy.line()
+    barred = Margin(baseline="uniform", verified=-0.07, low=-0.1, high=-0.04,
+                    outside={"letters": "above max_epochs (0.333 > 0.226)"})
+    assert barred.line().endswith("(uniform lies outside the mixture bounds: letters above max_epochs (0.333 > 0.226); "
+                                  "no mixture this run may propose)")
+
+
+def test_bounds_name_what_a_mixture_breaks() -> None:
+    b = Bounds(("a", "b", "c"), np.array([0.1, 0.0, 0.0]), np.array([1.0, 0.2, 1.0]), ("min_share", None, None),
+               (None, "max_epochs", None))
+    assert b.outside({"a": 0.5, "b": 0.25, "c": 0.25}) == {"b": "above max_epochs (0.250 > 0.200)"}
+    assert b.outside({"a": 0.05, "b": 0.2, "c": 0.75}) == {"a": "below min_share (0.050 < 0.100)"}
+    assert b.outside({"a": 0.4, "b": 0.2, "c": 0.4}) == {}
 
 
 def test_objective_se_follows_the_benchmarks_item_noise() -> None:

@@ -52,6 +52,8 @@ class Benchmark:
 
     metrics: ClassVar[tuple[str, ...]]  # the first one is the default objective metric
     higher_is_better: ClassVar[dict[str, bool]]
+    chance: float | None = None  # the score of guessing, where the kind has one (the objective maps it to 0)
+    paired: ClassVar[bool] = True  # whether `item_values` gives each item's values (two models compared item by item)
 
     def __init__(self, spec: BenchmarkSpec, ctx: EvalContext, data: Any) -> None:
         self.spec = spec
@@ -60,9 +62,6 @@ class Benchmark:
     @staticmethod
     def read(spec: BenchmarkSpec, cache_dir: Path) -> Any:
         raise NotImplementedError
-
-    chance: float | None = None  # the score of guessing, where the kind has one (the objective maps it to 0)
-    paired: ClassVar[bool] = True  # whether `item_values` gives each item's values (two models compared item by item)
 
     def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """metric → its value on every item, in the same item order on every call: what `score` averages, and

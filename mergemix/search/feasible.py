@@ -109,6 +109,16 @@ class Bounds:
         return Bounds(tuple(self.domains[i] for i in idx), self.lo[idx], self.hi[idx],
                       tuple(self.lo_from[i] for i in idx), tuple(self.hi_from[i] for i in idx))
 
+    def outside(self, alpha: dict[str, float]) -> dict[str, str]:
+        """Domain → the bound `alpha` breaks there (above max_share / max_epochs / a pin, below min_share)."""
+        out = {}
+        for i, d in enumerate(self.domains):
+            if alpha[d] > self.hi[i] + TOL:
+                out[d] = f"above {self.hi_from[i] or 'its maximum'} ({alpha[d]:.3f} > {self.hi[i]:.3f})"
+            elif alpha[d] < self.lo[i] - TOL:
+                out[d] = f"below {self.lo_from[i] or 'its minimum'} ({alpha[d]:.3f} < {self.lo[i]:.3f})"
+        return out
+
     def active(self, alpha: dict[str, float]) -> dict[str, str]:
         """Domain → the bound it sits on at `alpha` (min_share, max_share, max_epochs, pinned)."""
         out = {}
