@@ -7,7 +7,8 @@
   floor K + 2, which the memory system serves less well);
 - peak memory the merger adds, in bytes per parameter, for resident fp32, resident bf16, streamed and LoRA
   (r = 16 on every linear layer, merged from the factors) merges (each in a fresh process; anonymous memory sampled every millisecond, so memory-mapped expert files that
-  the kernel can drop do not count);
+  the kernel can drop do not count), and for resident fp32 in each of 2 processes (torch.distributed.run,
+  gloo) merging their halves of the model sharded with FSDP2, as a launch's search does;
 - one mergemix trial (a merge written into the resident model) ÷ mergekit writing the same merge to disk.
 
     .venv/bin/python benchmarks/merge_speed.py            # ~2 minutes on 2 CPU cores, ~1 GB of temp files
@@ -149,6 +150,22 @@ def child(root: Path, mode: str) -> None:
     print(json.dumps({"bytes_per_param": (peak.peak - before) / n}))
 
 
+def shard_child(root: Path) -> None:
+    """One of 2 processes (torch.distributed.run, gloo): the peak memory its merger adds when the model is
+    sharded with FSDP2 (mergemix.collective.shard_model), per parameter of the whole model."""
+    from mergemix.collective import shard_model
+
+    torch.distributed.init_process_group("gloo")
+    make, model = _merger(root, "resident fp32")
+    n = sum(p.numel() for p in model.parameters())
+    shard_model(model)
+    before = _AnonPeak.now()
+    with _AnonPeak() as peak:
+        make().apply([0.1, 0.2, 0.3, 0.4])
+    print(json.dumps({"bytes_per_param": (peak.peak - before) / n}), flush=True)
+    torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     from mergemix.merge import InPlaceMerger
     from mergemix.merge.lazy import SafetensorsState
@@ -189,6 +206,12 @@ def main() -> None:
             seconds = seconds["merge"] * copy / seconds["copy"]  # this round's ratio, in the first copy's time
             del m
             print(f"{mode:<16}{per_param:>21.1f}{seconds * 1e3:>10.1f}{seconds / copy:>8.2f}")
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", "29651", __file__, "--shard-child", str(root)], check=True,
+                             capture_output=True, text=True, env=env).stdout
+        shares = [json.loads(line)["bytes_per_param"] for line in out.splitlines() if line.startswith("{")]
+        print(f"{'sharded fp32 /2':<16}{max(shares):>21.1f}{'-':>10}{'-':>8}   (the larger of 2 processes' peaks)")
         print("(the old merger kept a float32 base and K float32 task vectors: 4 (K + 1) = "
               f"{4 * (K + 1)} B/param at K = {K}; LoRA factors: {_lora_share(model):.2f} B/param at K = {K})")
         print()
@@ -212,8 +235,11 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", nargs=2, metavar=("MODE", "ROOT"))
+    parser.add_argument("--shard-child", metavar="ROOT")
     args = parser.parse_args()
     if args.child:
         child(Path(args.child[1]), args.child[0])
+    elif args.shard_child:
+        shard_child(Path(args.shard_child))
     else:
         main()

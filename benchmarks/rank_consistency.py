@@ -76,17 +76,16 @@ def _trained_for_real(d: dict[str, Any]) -> str:
     return "trained for real (objective, ± 1.96 item se): " + "; ".join(parts)
 
 
-def _proxy_agreement(ws: Any, proposed: Any, objective: Any, d: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The merged proxy of `proposed` (its merger: its experts, its merge settings) at the report's mixtures,
-    scored with `objective`, against the truth (objective, mean over seeds)."""
-    names = list(next(iter(d["mixtures"]))["alpha"])
-    proxy = []
+def _proxy_agreement(ws: Any, objective: Any, d: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The merged proxy of `ws` (its experts, its merge settings) at the report's mixtures, scored with
+    `objective`, against the truth (objective, mean over seeds)."""
+    from mergemix.pipeline import scoring
+
+    s = scoring(ws)
     try:
-        for m in d["mixtures"]:
-            proposed.merger.apply([m["alpha"][n] for n in names])
-            proxy.append(objective(proposed.evaluator(ws.model))[2])
+        proxy = [objective(s.evaluate_alpha(m["alpha"]))[2] for m in d["mixtures"]]
     finally:
-        proposed.merger.restore()
+        s.merger.restore()
     return agreement(proxy, [m["truth"]["objective"] for m in d["mixtures"]], n_boot=1000, seed=seed)
 
 
@@ -155,7 +154,7 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
                               ref_ws.run_dir / "report" / "runs", ref_proposed.evaluator)
             seeds.append(objective(rec["raw"])[2])
     return {"lever": lever, "proposal": seeds, "alpha": star,
-            "merge": _proxy_agreement(ws, proposed, objective, d, recipe.seed),
+            "merge": _proxy_agreement(ws, objective, d, recipe.seed),
             "surrogate_rho": _surrogate_rho(recipe, proposed, d)}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
+from mergemix.collective import follow, leading, processes, shard_model, tell
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, Items, read_benchmarks
@@ -114,19 +115,26 @@ def prepare_base_and_data(ws: Workspace) -> None:
         else:
             pools = {n: d.pools["base"] for n, d in ws.docs.items()}
             ws.base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, ws.cache_dir, r.device)
-        ws.model, ws.tokenizer = load_base(ws.base_path, r.base)
+        _load_model(ws)
+        assert ws.model is not None
         limit = max_positions(ws.model)
         if limit is not None and r.data.seq_len > limit:
             raise MergemixError(f"data.seq_len: {r.data.seq_len} is longer than the base's context of {limit} "
                                 "tokens; lower data.seq_len")
         ws.base_hash = stable_hash([fingerprint(ws.base_path), r.base.dtype])
-        if r.device == "auto" and torch.cuda.is_available():
-            ws.model.to("cuda")
     with ws.timings.stage("pack"), _main_process_first(r.device):
         ws.blocks = {n: pack_domain(d, ws.tokenizer, r.data.seq_len, ws.cache_dir) for n, d in ws.docs.items()}
     ws.available = available_tokens(r, {n: b.n_tokens for n, b in ws.blocks.items()})
     # The first moment every domain's token count is known: refuse an impossible cap before any expert.
     check_cap(r.mixture, ws.available)
+
+
+def _load_model(ws: Workspace) -> None:
+    """The base model and tokenizer from the base's checkpoint, the model on the run's device."""
+    assert ws.base_path is not None
+    ws.model, ws.tokenizer = load_base(ws.base_path, ws.recipe.base)
+    if ws.recipe.device == "auto" and torch.cuda.is_available():
+        ws.model.to("cuda")
 
 
 def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
@@ -209,33 +217,47 @@ class Scoring:
     merger: InPlaceMerger
     model: torch.nn.Module
     names: list[str]  # the domains, in the order of the merger's experts
+    # the main process of a launch's collective search: each merge and evaluation it makes is first sent to
+    # the other processes, which make it with it (mergemix.collective.follow)
+    leads: bool = False
 
     def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
         """Merge the experts with weights `alpha` (domain → weight) into the model and score it."""
-        self.merger.apply([alpha[d] for d in self.names])
+        self._merge("evaluate_alpha", alpha)
         return self.evaluator(self.model)
 
     def items_at(self, alpha: dict[str, float]) -> Items:
         """Merge with weights `alpha` and score it item by item (`Evaluator.items`)."""
-        self.merger.apply([alpha[d] for d in self.names])
+        self._merge("items_at", alpha)
         return self.evaluator.items(self.model)
+
+    def _merge(self, method: str, alpha: dict[str, float]) -> None:
+        if self.leads:
+            tell(method, alpha)
+        self.merger.apply([alpha[d] for d in self.names])
 
     def differentiable(self) -> GradientObjective:
         """The objective as a function differentiable in α (strategy gradient)."""
         return GradientObjective(self.evaluator.benchmarks, self.model, self.merger.merged_state)
 
 
+def merger(ws: Workspace, experts: Sequence[Expert] | None = None) -> InPlaceMerger:
+    """An in-place merger of `experts` (default: the workspace's) on the workspace's model. With merge.stream
+    it reads Θ_base from the base checkpoint's own files instead of keeping a copy."""
+    recipe = ws.recipe
+    assert ws.model is not None
+    base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
+    return InPlaceMerger(ws.model, {e.domain: e.state() for e in (ws.experts if experts is None else experts)},
+                         recipe.merge, recipe.seed, base_files)
+
+
 def scoring(ws: Workspace, experts: Sequence[Expert] | None = None) -> Scoring:
-    """A `Scoring` of `experts` (default: the workspace's). With merge.stream the merger reads Θ_base from
-    the base checkpoint's own files instead of keeping a copy."""
+    """A `Scoring` of `experts` (default: the workspace's) on the workspace's model."""
     recipe = ws.recipe
     assert ws.model is not None
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
-    base_files = checkpoint_state(ws.base_path) if recipe.merge.stream and ws.base_path else None
-    merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in (ws.experts if experts is None else experts)},
-                           recipe.merge, recipe.seed, base_files)
-    return Scoring(evaluator, merger, ws.model, recipe.domain_names)
+    return Scoring(evaluator, merger(ws, experts), ws.model, recipe.domain_names)
 
 
 @dataclass
@@ -245,16 +267,16 @@ class Proposed:
     proposal: Proposal
     search: SearchResult
     evaluator: Evaluator
-    merger: InPlaceMerger
 
 
 def propose(recipe: Recipe) -> Proposal | None:
     """Run the MergeMix pipeline for `recipe` and return the proposal (also written to proposal.json in
     the run directory). Stages whose inputs are unchanged are reused; a killed run resumes.
 
-    Under a multi-process launch every process trains the experts data-parallel; the main process then
-    searches and returns the proposal, the others return None as soon as the experts are saved."""
-    check_verify_real_launch(recipe)
+    Under a multi-process launch every process trains the experts data-parallel, then all search together
+    (mergemix.collective: each holds 1/N of base and task vectors); the main process returns the proposal,
+    the others None."""
+    check_launch(recipe)
     ws = start(recipe, distributed=True)
     proposed = run_proposal(ws)
     return proposed.proposal if proposed else None
@@ -272,22 +294,28 @@ def train_experts_only(recipe: Recipe, domains: Sequence[str] | None = None) -> 
     return ws.experts
 
 
-def check_verify_real_launch(recipe: Recipe) -> None:
-    """`search.verify_real` trains its runs inside the main process's search, where the other processes of a
-    multi-process launch cannot join them: refused in one line before anything trains."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1 and recipe.search.verify_real:
+def check_launch(recipe: Recipe) -> None:
+    """What a multi-process launch cannot search, refused in one line before anything trains:
+    `search.verify_real` trains its runs inside the search, on the main process alone, where the other
+    processes cannot join them; the gradient strategy differentiates through the whole merged weights, which
+    no process holds in a launch's sharded search."""
+    n = processes()
+    if n > 1 and recipe.search.verify_real:
         raise MergemixError(f"search.verify_real: its real runs train inside the search, on the main process "
-                            f"alone, which a launch of {processes} processes cannot do yet; set search.verify_real "
+                            f"alone, which a launch of {n} processes cannot do yet; set search.verify_real "
                             "0 for the launch, or run as one process")
+    if n > 1 and recipe.search.strategy == "gradient":
+        raise MergemixError(f"search.strategy: gradient needs the whole merged model on one process, and a launch "
+                            f"of {n} processes searches a sharded one; choose another strategy for the launch, or "
+                            "run as one process")
 
 
 def start(recipe: Recipe, distributed: bool = False) -> Workspace:
     """Set up the run directory and bring base, data and benchmarks into memory. Commands that cannot run
     under a multi-process launch yet leave `distributed` False and are refused in one line."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1 and not distributed:
-        raise MergemixError(f"this command runs as one process, got {processes} (accelerate launch, torchrun); "
+    n = processes()
+    if n > 1 and not distributed:
+        raise MergemixError(f"this command runs as one process, got {n} (accelerate launch, torchrun); "
                             "only propose, experts and report run multi-process: start it with python -m mergemix")
     precision_key(recipe)  # a precision this device cannot train in fails here, before any training
     ws = _setup(recipe)
@@ -301,25 +329,50 @@ def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) ->
     ws = start(recipe)
     if worker:
         _experts(ws, train=False)
-        return _search(ws, strategy)[0]
+        return _search(ws, scoring(ws), strategy)[0]
     proposed = run_proposal(ws, strategy, train=False)
     assert proposed is not None  # one process: it is the main one
     return proposed
 
 
-def _search(ws: Workspace, strategy: str | None) -> tuple[SearchResult, Bounds, Scoring]:
-    """Search over the workspace's experts: the trials' result, the bounds, and what scored them."""
+def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResult, Bounds]:
+    """Search over the workspace's experts, scored by `s`: the trials' result and the bounds."""
     recipe = ws.recipe
-    assert ws.model is not None
     with ws.timings.stage("search"):
-        s = scoring(ws)
         names = recipe.domain_names
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
         result = run_hierarchical(recipe, s.evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
-                                  evaluation_key(recipe, ws), bounds, strategy, s.differentiable())
+                                  evaluation_key(recipe, ws), bounds, strategy,
+                                  None if s.leads else s.differentiable())
         s.merger.restore()
-    return result, bounds, s
+    return result, bounds
+
+
+Then = Callable[[Proposed, Scoring], None]
+
+
+def _collective(ws: Workspace, strategy: str | None, then: Then | None) -> Proposed | None:
+    """`_propose` under a multi-process launch, made by every process together (mergemix.collective): the
+    model is sharded with FSDP2 and each process's merger holds its shard; the main process proposes (and
+    runs `then`), sending each merge and evaluation it makes to the others, which make them in step until it
+    is done. Then every process reads the whole base again for what follows (the report's mixture runs train
+    from it; the sharded model equals it)."""
+    assert ws.model is not None
+    shard_model(ws.model)
+    s = scoring(ws)
+    proposed = None
+    if is_main_process():
+        s.leads = True
+        with leading():
+            proposed = _propose(ws, s, strategy, then)
+    else:
+        follow(s)
+    del s  # the sharded merger, before the whole base is read
+    log.info("the search is done: reading the whole base again for the stages that follow")
+    ws.model = None
+    _load_model(ws)
+    return proposed
 
 
 def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> None:
@@ -331,16 +384,24 @@ def _experts(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -
                                    domains=domains, reuse_only=not train)
 
 
-def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True) -> Proposed | None:
+def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True,
+                 then: Then | None = None) -> Proposed | None:
     """Experts → search → mixture → proposal.json, on a workspace from `start`. `strategy` overrides
-    search.strategy; without `train` the experts must already be in the run directory. Under a multi-process
-    launch only the main process searches (None elsewhere): every merge and score runs on its one model."""
+    search.strategy; without `train` the experts must already be in the run directory. `then(proposed, s)`
+    runs on the main process after the proposal, while `s` can still merge and score mixtures (the report's
+    merged proxies). Under a multi-process launch every process searches (`_collective`); the main process
+    returns what it proposed, the others None. The model is the base again afterwards."""
+    _experts(ws, train)
+    if processes() > 1:
+        return _collective(ws, strategy, then)
+    return _propose(ws, scoring(ws), strategy, then)
+
+
+def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None = None) -> Proposed:
+    """Search → mixture → proposal.json over the workspace's experts, scored by `s`; then `then`."""
     recipe = ws.recipe
     names = recipe.domain_names
-    _experts(ws, train)
-    if not is_main_process():
-        return None
-    result, bounds, s = _search(ws, strategy)
+    result, bounds = _search(ws, s, strategy)
     real = None
     if recipe.search.verify_real:
         from mergemix.verify_real import verify_real
@@ -385,4 +446,7 @@ def run_proposal(ws: Workspace, strategy: str | None = None, train: bool = True)
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
     log.info("timings (s): %s", ", ".join(f"{k} {v}" for k, v in ws.timings.stages.items()))
-    return Proposed(proposal, result, s.evaluator, s.merger)
+    proposed = Proposed(proposal, result, s.evaluator)
+    if then is not None:
+        then(proposed, s)
+    return proposed

@@ -1,5 +1,5 @@
 """Real multi-process launches on CPU (accelerate launch, gloo): data-parallel and FSDP2-sharded experts,
-and the report's mixture runs trained data-parallel."""
+the collective sharded search, and the report's mixture runs trained data-parallel."""
 
 from __future__ import annotations
 
@@ -86,17 +86,57 @@ def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) ->
     _same_expert(run / "experts" / "math", one_process)
 
 
+def _trials(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+
+
+def test_two_process_propose_searches_together_like_one_process(recipe_file: Path) -> None:
+    """`propose` under a 2-process launch searches with the base and task vectors sharded over both processes:
+    the main process alone writes trials and proposal, the other merges and evaluates every α in step
+    with it, and the trials and α* equal a one-process propose's. The experts are trained once, by the
+    one-process run (data-parallel training is equal only to float rounding), and reused by the launch."""
+    one, two = recipe_file.parent / "propose_one", recipe_file.parent / "propose_two"
+    cmd = ["-m", "mergemix", "propose", str(recipe_file)]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "proposal.json", "timings.json"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    assert log.count("stage search ...") == 1  # the main process runs the search, the other follows it
+    assert log.count("wrote ") == 1  # the main process alone reports
+    want, got = _trials(one), _trials(two)
+    followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
+    # the other process made every merge and evaluation with the main one: each trial's and the guard's three
+    # (the proposal, uniform and token-proportional scored again item by item)
+    assert followed == [len(want) + 3]
+    assert [t["alpha"] for t in got] == [t["alpha"] for t in want]  # one writer: no trial twice
+    for a, b in zip(want, got, strict=True):
+        assert b["objective"] == pytest.approx(a["objective"], abs=1e-5), a["alpha"]
+    star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
+    star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
+    assert star_two == pytest.approx(star_one, abs=1e-9)
+
+
 def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
-    """`report` under a 2-process launch trains each mixture run data-parallel: the main process alone
-    scores and writes each run's record, and the records equal those of a one-process report. The proposal
-    (experts, trials, proxies) is made once by the one-process report and reused by the launch."""
+    """`report` under a 2-process launch merges and scores the proxies with both processes (each merging its
+    shard) and trains each mixture run data-parallel: the main process alone scores and writes each run's
+    record, and proxies and records equal those of a one-process report. The proposal (experts, trials) is
+    made once by the one-process report and reused by the launch."""
     one, two = recipe_file.parent / "report_one", recipe_file.parent / "report_two"
     report = ["report.mixtures=4", "report.seeds=1", "report.steps=4", "report.bootstrap=100",
               "report.interference_batches=0"]
     cmd = ["-m", "mergemix", "report", str(recipe_file), *report]
     _run([sys.executable, *cmd, f"run_dir={one}"])
-    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html"))
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html", "proxies.jsonl"))
     log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    proxies = [json.loads(line) for line in (one / "report" / "proxies.jsonl").read_text().splitlines()]
+    assert proxies  # mixtures the search did not score
+    followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
+    assert followed == [len(proxies) + 3]  # the proxies and the guard's three (the trials are reused)
+    again = [json.loads(line) for line in (two / "report" / "proxies.jsonl").read_text().splitlines()]
+    assert [p["alpha"] for p in again] == [p["alpha"] for p in proxies]
+    for a, b in zip(proxies, again, strict=True):
+        for bench, scores in a["raw"].items():
+            for metric, value in scores.items():
+                assert b["raw"][bench][metric] == pytest.approx(value, abs=1e-6), (a["label"], bench, metric)
     assert log.count("mixture runs: 0 of 4 already done") == 2  # both processes train every mixture run
     assert log.count("wrote ") == 1  # the main process alone reports
     assert (two / "report" / "index.html").exists()
@@ -123,10 +163,11 @@ def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) 
         make_accelerator("cpu")
 
 
-def test_verify_real_is_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """search.verify_real trains inside the main process's search, which the other processes cannot join:
-    propose and report under a launch refuse it in one line before anything is read or trained."""
+def test_verify_real_and_gradient_are_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """search.verify_real trains inside the main process's search, which the other processes cannot join, and
+    the gradient strategy needs the whole merged model, which no process of a sharded search holds: propose
+    and report under a launch refuse each in one line before anything is read or trained."""
     from mergemix.errors import MergemixError
     from mergemix.pipeline import propose
     from mergemix.recipe import recipe_from_dict
@@ -138,4 +179,9 @@ def test_verify_real_is_refused_under_a_launch(micro_data: dict[str, Any], tmp_p
     for command in (propose, rank_consistency):
         with pytest.raises(MergemixError, match="search.verify_real: .* a launch of 2 processes cannot do yet"):
             command(recipe)
+    gradient = recipe_from_dict({**d, "search": {**d["search"], "strategy": "gradient"}})
+    for command in (propose, rank_consistency):
+        with pytest.raises(MergemixError, match="search.strategy: gradient .* a launch of 2 processes searches a "
+                                                "sharded one"):
+            command(gradient)
     assert not (tmp_path / "run").exists()

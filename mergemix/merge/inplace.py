@@ -20,6 +20,15 @@ weight at a time from the factors, to the full experts' weighted sum, so their t
 LoRA expert's task vector is zero on weights it does not adapt. TIES and DARE need each expert's own task
 vector to trim or drop: for them a LoRA expert's s B A is formed per tensor and then kept like a full
 expert's (or formed again per merge with `merge.stream`).
+
+A model sharded with FSDP2 (torch's `fully_shard`, one process of a multi-process launch) is merged shard by
+shard: each process keeps and merges only its own rows (dim 0, torch.chunk's split) of every parameter, in
+place in the parameter's local tensor, so base copy and task vectors take 1/N of the memory on each of N
+processes. Its task vectors are read row by row from the experts' memory-mapped files (a LoRA expert forms
+B[rows] A). TIES and DARE act on the whole tensor (TIES trims by magnitude over it, DARE draws per tensor),
+so for them the whole tensor's task vector is formed, one tensor at a time, and the process's rows kept. Every
+operation is element-wise over experts, so a shard merges to the unsharded merge's numbers (the same bits
+where torch sums the experts in the same order: see `_chunks`).
 """
 
 from __future__ import annotations
@@ -29,10 +38,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 from mergemix.artifacts import stable_hash
 from mergemix.errors import MergemixError
 from mergemix.merge.check import first_mismatch, tensor_specs
+from mergemix.merge.lazy import SafetensorsState
 from mergemix.merge.lora import Factors, LoraExpert, weighted_delta
 from mergemix.merge.methods import MERGE_METHODS, combine, finish
 from mergemix.recipe import MergeSpec
@@ -124,6 +135,31 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _shard(p: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
+    """The tensor this process writes for parameter `p` and which rows (dim 0) of `p` it holds: `p` itself and
+    None (all of them), or for a DTensor sharded by FSDP2 (`fully_shard`: Shard(0), torch.chunk's split of
+    ⌈n / N⌉ rows per process, the last ones fewer or none) its local tensor and the rows it holds."""
+    p = p.detach()
+    if not isinstance(p, DTensor):
+        return p, None
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"a parameter sharded as {p.placements} cannot be merged; only FSDP2's Shard(0)")
+    local = p.to_local()
+    step = -(-p.shape[0] // p.device_mesh.size())
+    start = min(p.device_mesh.get_local_rank() * step, p.shape[0])
+    assert local.shape[0] == min(start + step, p.shape[0]) - start, "not torch.chunk's split"
+    return local, slice(start, start + local.shape[0])
+
+
+def _rows(state: Mapping[str, torch.Tensor], name: str, rows: slice | None) -> torch.Tensor:
+    """Tensor `name` of `state`, or its rows `rows` (read alone from a memory-mapped file)."""
+    if rows is None:
+        return state[name]
+    if isinstance(state, SafetensorsState):
+        return state.rows(name, rows)
+    return state[name][rows]
+
+
 class InPlaceMerger:
     """Writes merges of K experts into `model`'s parameters in place.
 
@@ -135,6 +171,10 @@ class InPlaceMerger:
     expert and tensor, so every trial sees the same sparsified task vectors. `base_files`: the base's tensors as
     saved (e.g. a SafetensorsState over its checkpoint); with `merge.stream`, Θ_base is read from them for each
     merge instead of kept as a copy, for every group whose saved tensors equal the parameters (checked here).
+
+    A `model` sharded with FSDP2 is merged shard by shard (see the module's docstring): every process of the
+    launch builds its merger and merges the same α in step (TIES/DARE gather each tensor's base once, here,
+    and with `merge.stream` in every merge); `base` and `merged_state` are then this process's rows.
     """
 
     def __init__(self, model: torch.nn.Module, experts: Experts, spec: MergeSpec | str = "linear", seed: int = 0,
@@ -144,6 +184,10 @@ class InPlaceMerger:
         self.method = MERGE_METHODS.get(self.spec.method)
         named = dict(experts) if isinstance(experts, Mapping) else {f"#{i}": e for i, e in enumerate(experts)}
         self.params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+        # what this process writes of each parameter (its local tensor), and which rows of it (None: all)
+        self.local, self.shard = {}, {}
+        for n, p in self.params.items():
+            self.local[n], self.shard[n] = _shard(p)
         base_specs = tensor_specs(self.params)
         for expert_name, state in named.items():
             problem = (state.mismatch(base_specs) if isinstance(state, LoraExpert)
@@ -165,7 +209,8 @@ class InPlaceMerger:
             device = next(iter(self.params.values())).device
             for k in loras:
                 for name, f in self.experts[k].items():
-                    self.factors.setdefault(name, []).append((k, f.to(device)))
+                    rows = self.shard[name]
+                    self.factors.setdefault(name, []).append((k, (f if rows is None else f.rows(rows)).to(device)))
         self.base_files = base_files if self.spec.stream else None
         self.groups = self._plan()
         self._work: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -177,7 +222,8 @@ class InPlaceMerger:
     def _plan(self) -> list[_Group]:
         """Consecutive parameters of one dtype, up to the working-memory budget per group (a larger tensor is
         a group of its own). Each merge step holds about 2K + 4 float32 buffers of a group's size (and two
-        more for the LoRA experts' sum)."""
+        more for the LoRA experts' sum). Planned on the whole parameters' sizes, so every process of a sharded
+        merge has the same groups (and makes its collectives in the same order)."""
         limit = max(1, int(self.spec.memory_mb * 2**20) // ((2 * self.k + 4 + 2 * bool(self.factors)) * 4))
         groups: list[list[str]] = []
         for name, p in self.params.items():
@@ -189,7 +235,7 @@ class InPlaceMerger:
                 last.append(name)
         out = []
         for names in groups:
-            ps = [self.params[n].detach() for n in names]
+            ps = [self.local[n] for n in names]
             numels = [p.numel() for p in ps]
             base = None if self._saved(names) else torch.cat([p.reshape(-1) for p in ps])
             out.append(_Group(names, [p.shape for p in ps], numels, base,
@@ -202,7 +248,7 @@ class InPlaceMerger:
         if self.base_files is None:
             return False
         for n in names:
-            p = self.params[n].detach()
+            p = self.local[n]
             if n not in self.base_files or not torch.equal(self._read(n), p):
                 log.info("%s differs from the base's file: the merger keeps a copy of its group", n)
                 return False
@@ -210,8 +256,8 @@ class InPlaceMerger:
 
     def _read(self, name: str) -> torch.Tensor:
         assert self.base_files is not None
-        p = self.params[name]
-        return self.base_files[name].to(device=p.device, dtype=p.dtype)
+        p = self.local[name]
+        return _rows(self.base_files, name, self.shard[name]).to(device=p.device, dtype=p.dtype)
 
     def _base(self, g: _Group) -> torch.Tensor:
         """Θ_base of group `g`, flat: the copy, or read from the base's files."""
@@ -221,7 +267,8 @@ class InPlaceMerger:
 
     @property
     def base(self) -> dict[str, torch.Tensor]:
-        """name → Θ_base (views of the copies; read from the base's files where the merger keeps none)."""
+        """name → Θ_base (views of the copies; read from the base's files where the merger keeps none); of a
+        sharded model, this process's rows."""
         return {n: v for g in self.groups for n, v in zip(g.names, g.views(self._base(g)), strict=True)}
 
     def _storage(self, dtype: torch.dtype) -> torch.dtype:
@@ -230,24 +277,37 @@ class InPlaceMerger:
     def _task_vectors(self, g: _Group, base: torch.Tensor) -> torch.Tensor:
         """[rows, n] sparsified task vectors of group `g` (Θ_base flat: `base`) in the storage dtype, from the
         experts' tensors (a LoRA expert's: s B A, formed per tensor)."""
-        acc = _accumulator(base.dtype)
         out = torch.empty((len(self.rows), base.numel()), dtype=self._storage(base.dtype), device=base.device)
         bases = g.views(base)
         for row, k in enumerate(self.rows):
-            state = self.experts[k]
             for name, b, o in zip(g.names, bases, g.views(out[row]), strict=True):
-                if name not in state:
-                    o.zero_()
-                    continue
-                if isinstance(state, LoraExpert):
-                    one = torch.ones(1, dtype=acc, device=b.device)
-                    tau = weighted_delta([state[name].to(b.device)], one, acc)
+                if name in self.experts[k]:
+                    o.copy_(self._task_vector(k, name, b))
                 else:
-                    tau = state[name].to(device=b.device, dtype=acc) - b.to(acc)
-                if self.method.sparsify is not None:
-                    tau = self.method.sparsify(tau, self.spec.density, self.rescale, self._generator(k, name, b))
-                o.copy_(tau)
+                    o.zero_()
         return out
+
+    def _task_vector(self, k: int, name: str, base: torch.Tensor) -> torch.Tensor:
+        """Expert `k`'s task vector of this process's rows of `name` (their Θ_base: `base`), sparsified, in the
+        accumulation dtype. TIES and DARE act on the whole tensor: of a sharded parameter, the whole tensor's
+        task vector is formed (its base gathered from every process's rows) and this process's rows kept."""
+        acc = _accumulator(base.dtype)
+        rows = self.shard[name]
+        whole = rows is not None and self.method.sparsify is not None
+        if whole:
+            p = self.params[name]
+            base = DTensor.from_local(base, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        read = None if whole else rows
+        state = self.experts[k]
+        if isinstance(state, LoraExpert):
+            one = torch.ones(1, dtype=acc, device=base.device)
+            f = state[name] if read is None else state[name].rows(read)
+            tau = weighted_delta([f.to(base.device)], one, acc)
+        else:
+            tau = _rows(state, name, read).to(device=base.device, dtype=acc) - base.to(acc)
+        if self.method.sparsify is not None:
+            tau = self.method.sparsify(tau, self.spec.density, self.rescale, self._generator(k, name, base))
+        return tau[rows] if whole else tau
 
     def _generator(self, k: int, name: str, like: torch.Tensor) -> torch.Generator:
         """DARE's draws for one expert and tensor: seeded by the run's seed, the expert's name and the tensor's,
@@ -339,7 +399,8 @@ class InPlaceMerger:
 
     def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Θ(α) as new tensors (name → tensor), differentiable in `alpha`: for gradient-based search with
-        `torch.func.functional_call(model, merger.merged_state(alpha), inputs)`. The model is not changed."""
+        `torch.func.functional_call(model, merger.merged_state(alpha), inputs)`. The model is not changed. Of
+        a sharded model, this process's rows only (the gradient strategy does not run sharded)."""
         a = self._alpha(alpha)
         out = {}
         for g in self.groups:
@@ -352,4 +413,4 @@ class InPlaceMerger:
     def restore(self) -> None:
         """Put the base weights back."""
         for g in self.groups:
-            torch._foreach_copy_([self.params[n] for n in g.names], g.views(self._base(g)))
+            torch._foreach_copy_([self.local[n] for n in g.names], g.views(self._base(g)))

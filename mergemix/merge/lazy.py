@@ -30,6 +30,13 @@ class SafetensorsState(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         return self._files[self._where[name]].get_tensor(name)
 
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows `rows` (dim 0) of tensor `name`, read alone from the memory-mapped file: a process that merges
+        one shard of every parameter (FSDP2) reads only its own rows of each expert."""
+        if name not in self.specs:
+            raise KeyError(name)
+        return self._files[self._where[name]].get_slice(name)[rows.start:rows.stop]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.specs)
 

@@ -40,6 +40,14 @@ class Factors:
     def to(self, device: torch.device) -> Factors:
         return Factors(self.a.to(device), self.b.to(device), self.scale, self.transpose)
 
+    def rows(self, rows: slice) -> Factors:
+        """The factors of rows `rows` (dim 0) of the weight's update: B[rows] A is exactly those rows of B A
+        (for a transposed weight, (B A[:, rows])ᵀ), so a process merging one shard of the weight forms only
+        its rows."""
+        if self.transpose:
+            return Factors(self.a[:, rows], self.b, self.scale, True)
+        return Factors(self.a, self.b[rows], self.scale, False)
+
     def shape(self) -> tuple[int, int]:
         """The shape of the weight this update applies to."""
         out, inp = self.b.shape[0], self.a.shape[1]

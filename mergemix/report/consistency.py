@@ -32,9 +32,10 @@ from mergemix.merge.lora import Applied, LoraExpert
 from mergemix.modeling import param_count
 from mergemix.pipeline import (
     Proposed,
+    Scoring,
     Workspace,
     benchmark_key,
-    check_verify_real_launch,
+    check_launch,
     evaluation_key,
     run_proposal,
     start,
@@ -95,26 +96,31 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
     while the others wait; they return None."""
     from mergemix.report.render import write_report
 
-    check_verify_real_launch(recipe)
+    check_launch(recipe)
     ws = start(recipe, distributed=True)
-    proposed = run_proposal(ws)
+    names = recipe.domain_names
+    prior = general_probs(ws.blocks, names)
+    proxies: list[dict[str, Any]] = []
+
+    def merged_proxies(proposed: Proposed, s: Scoring) -> None:
+        """Score the merged proxy of every mixture while the proposal's scoring can still merge (under a
+        launch, every process merging its shard)."""
+        (ws.run_dir / "report").mkdir(exist_ok=True)
+        with ws.timings.stage("proxies"):
+            proxies.extend(_proxies(ws, proposed, choose_mixtures(recipe, prior, proposed.proposal.alpha_star), s))
+
+    proposed = run_proposal(ws, then=merged_proxies)
     process_state(recipe.device).wait_for_everyone()  # the main process has searched and written proposal.json
     star = proposed.proposal.alpha_star if proposed else read_json(ws.run_dir / "proposal.json")["alpha_star"]
     assert ws.model is not None
-    names = recipe.domain_names
-    prior = general_probs(ws.blocks, names)
     mixtures = choose_mixtures(recipe, prior, star)
-    if proposed is not None:
-        (ws.run_dir / "report").mkdir(exist_ok=True)
-        with ws.timings.stage("proxies"):
-            proxies = _proxies(ws, proposed, mixtures)
     with ws.timings.stage("mixture runs"):
         runs = _truth(ws, proposed, mixtures)
     if proposed is None:
         return None
     report_dir = ws.run_dir / "report"
     with ws.timings.stage("interference"):
-        interference = _interference(ws, proposed)
+        interference = _interference(ws)
     objective = proposed.search.objective
     vertices = [t for t in proposed.search.trials if t.kind == "vertex"]
     expert_raw = {d: t.raw for d, t in zip(names, vertices, strict=True)}
@@ -171,10 +177,10 @@ def _bound_warnings(recipe: Recipe, available: dict[str, int], rows: list[dict[s
     return out
 
 
-def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list[dict[str, Any]]:
+def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture], s: Scoring) -> list[dict[str, Any]]:
     """Raw scores of the merged proxy at every mixture: from the search where it scored the same α (the
-    proposal, uniform, token-proportional), else merged and scored here and logged in report/proxies.jsonl."""
-    names = ws.recipe.domain_names
+    proposal, uniform, token-proportional), else merged by `s` and scored here and logged in
+    report/proxies.jsonl."""
     trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws.recipe, ws))
     searched = {alpha_key(t.alpha): {"raw": t.raw} for t in proposed.search.trials}
     out = []
@@ -182,12 +188,11 @@ def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture]) -> list
         for m in progress(mixtures, desc="merged proxies", leave=False):
             rec = searched.get(alpha_key(m.alpha)) or trial_log.get(m.alpha)
             if rec is None:
-                proposed.merger.apply([m.alpha[d] for d in names])
-                rec = {"label": m.label, "alpha": m.alpha, "raw": proposed.evaluator(ws.model)}
+                rec = {"label": m.label, "alpha": m.alpha, "raw": s.evaluate_alpha(m.alpha)}
                 trial_log.add(rec)
             out.append(rec["raw"])
     finally:
-        proposed.merger.restore()  # the mixture runs start from the base
+        s.merger.restore()  # the mixture runs start from the base
     return out
 
 
@@ -211,7 +216,7 @@ def _truth(ws: Workspace, proposed: Proposed | None, mixtures: list[Mixture]) ->
     return runs
 
 
-def _interference(ws: Workspace, proposed: Proposed) -> dict[str, Any]:
+def _interference(ws: Workspace) -> dict[str, Any]:
     """Task-vector cosines and the curvature interference γ at the base, cached in report/interference.json."""
     r = ws.recipe
     assert ws.model is not None
@@ -220,7 +225,7 @@ def _interference(ws: Workspace, proposed: Proposed) -> dict[str, Any]:
     path = ws.run_dir / "report" / "interference.json"
     if path.exists() and read_json(path).get("key") == key:
         return read_json(path)
-    base = proposed.merger.base
+    base = {n: p.detach() for n, p in ws.model.named_parameters()}  # the base again (after the mixture runs)
     states = [e.state() for e in ws.experts]
     cosines = task_vector_cosines(base, [Applied(s, base) if isinstance(s, LoraExpert) else s for s in states])
     out: dict[str, Any] = {"key": key, "cosine": np.round(cosines, 4).tolist()}

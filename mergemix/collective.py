@@ -1,0 +1,81 @@
+"""The search under a multi-process launch: one search, made by every process together.
+
+The base is sharded with FSDP2 (torch's `fully_shard`), so each of N processes holds 1/N of it, and each
+process's InPlaceMerger keeps and merges only its rows of every parameter (mergemix.merge.inplace): 1/N of the
+base copy and of the K task vectors. A forward pass of a sharded model is a collective (each layer gathers its
+weights from every process), so every process must make the same forward passes in step. The main process
+runs the search as a single process would (strategies, surrogate, trial log, the proposal's guard) and, before
+each merge and evaluation it makes, broadcasts the α and the kind of evaluation to the others; they merge
+their shard and make the same evaluation, discarding its scores, until told to stop. Every process scores
+the same items, so the main process's scores are a single process's (each layer is gathered whole while it
+runs) and the search takes a single process's time; splitting the items over the processes is a follow-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def processes() -> int:
+    """How many processes the launch started (1 in a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """Shard `model` in place over the launch's processes with FSDP2, on its device: each decoder layer (the
+    classes the model names in `_no_split_modules`, as accelerate's FSDP2 wrapping does), then the rest at the
+    root. Process r holds chunk r of torch.chunk(parameter, N) along dim 0 of every parameter. Every module,
+    the root too, reshards after its forward pass, so between evaluations each process holds only its shard
+    (which the merger overwrites) and at most one layer is gathered whole at a time."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (torch.distributed.get_world_size(),))
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+
+
+def _broadcast(command: Any = None) -> Any:
+    """The main process's `command`, on every process (a pickled object; None: stop)."""
+    box = [command]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def tell(method: str, alpha: dict[str, float]) -> None:
+    """On the main process, before it merges with `alpha` and evaluates by its scoring's `method`: the other
+    processes (in `follow`) do the same."""
+    _broadcast((method, alpha))
+
+
+@contextmanager
+def leading() -> Iterator[None]:
+    """On the main process, around everything it `tell`s: the other processes are told to stop when the body
+    ends, by an error too."""
+    try:
+        yield
+    finally:
+        _broadcast(None)
+
+
+def follow(scoring: Any) -> int:
+    """On every other process: make each merge and evaluation the main process tells of, by the same method
+    of `scoring` (the results are dropped), until it says stop; returns how many."""
+    n = 0
+    while (command := _broadcast()) is not None:
+        method, alpha = command
+        getattr(scoring, method)(alpha)
+        n += 1
+    log.info("followed the main process's search: %d evaluations", n)
+    return n
