@@ -51,7 +51,8 @@ class Margin(_Frozen):
     """How much the proposal beats a baseline on the objective: verified by real merge + evaluation, with a
     95% interval from item noise (benchmarks independent; the two merges compared item by item, so what the
     items share cancels: `Objective.diff_se`), and as the surrogate predicted it. Within noise: the interval
-    reaches 0 or below. Item noise is the proxy's own: a real training run adds seed noise on top."""
+    reaches 0 or below. Item noise only: a model trained on the mixture adds seed noise, and the merge's error
+    as a stand-in for training (what the report measures) comes on top."""
 
     baseline: str
     verified: float
