@@ -30,8 +30,8 @@ token-proportional with seed number 0, which are the report's seed-0 runs, and p
 column is that pick's real runs (seed 0 chose it; the other seeds check it). One table at the end holds
 every testbed and lever.
 
-Demo scale on 2 CPU cores: 25 minutes per testbed measured with the base, experts and search cached
-(24 mixture runs of 300 steps, ~60 s each with other work on the machine); add ~7 minutes from nothing.
+Demo scale on 2 CPU cores: about 40 minutes per testbed from nothing with other work on the machine (24
+mixture runs of 300 steps, 60-100 s each); a search lever adds 2-5 minutes, an experts.* lever 5-10.
 Everything is cached in each run directory (runs/rank-consistency-NAME-SCALE): a rerun resumes.
 """
 
