@@ -276,28 +276,37 @@ class InPlaceMerger:
 
     def _task_vectors(self, g: _Group, base: torch.Tensor) -> torch.Tensor:
         """[rows, n] sparsified task vectors of group `g` (Θ_base flat: `base`) in the storage dtype, from the
-        experts' tensors (a LoRA expert's: s B A, formed per tensor)."""
+        experts' tensors (a LoRA expert's: s B A, formed per tensor), one tensor at a time for all experts."""
         out = torch.empty((len(self.rows), base.numel()), dtype=self._storage(base.dtype), device=base.device)
-        bases = g.views(base)
-        for row, k in enumerate(self.rows):
-            for name, b, o in zip(g.names, bases, g.views(out[row]), strict=True):
+        views = [g.views(out[row]) for row in range(len(self.rows))]
+        for i, (name, b) in enumerate(zip(g.names, g.views(base), strict=True)):
+            carried = any(name in self.experts[k] for k in self.rows)
+            whole = self._whole_base(name, b) if carried else None
+            for row, k in enumerate(self.rows):
                 if name in self.experts[k]:
-                    o.copy_(self._task_vector(k, name, b))
+                    views[row][i].copy_(self._task_vector(k, name, b, whole))
                 else:
-                    o.zero_()
+                    views[row][i].zero_()
         return out
 
-    def _task_vector(self, k: int, name: str, base: torch.Tensor) -> torch.Tensor:
+    def _whole_base(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """Θ_base of the whole tensor `name`, gathered from every process's rows (`base`: this process's), where
+        TIES or DARE must act on the whole tensor of a sharded parameter; else None. Gathered once per tensor
+        for all experts; a collective, so every process asks for the same tensors in the same order."""
+        if self.shard[name] is None or self.method.sparsify is None:
+            return None
+        p = self.params[name]
+        return DTensor.from_local(base, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+
+    def _task_vector(self, k: int, name: str, base: torch.Tensor, whole: torch.Tensor | None) -> torch.Tensor:
         """Expert `k`'s task vector of this process's rows of `name` (their Θ_base: `base`), sparsified, in the
         accumulation dtype. TIES and DARE act on the whole tensor: of a sharded parameter, the whole tensor's
-        task vector is formed (its base gathered from every process's rows) and this process's rows kept."""
+        task vector is formed from `whole` (`_whole_base`) and this process's rows kept."""
         acc = _accumulator(base.dtype)
         rows = self.shard[name]
-        whole = rows is not None and self.method.sparsify is not None
-        if whole:
-            p = self.params[name]
-            base = DTensor.from_local(base, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-        read = None if whole else rows
+        read = rows if whole is None else None
+        if whole is not None:
+            base = whole
         state = self.experts[k]
         if isinstance(state, LoraExpert):
             one = torch.ones(1, dtype=acc, device=base.device)
@@ -307,7 +316,7 @@ class InPlaceMerger:
             tau = _rows(state, name, read).to(device=base.device, dtype=acc) - base.to(acc)
         if self.method.sparsify is not None:
             tau = self.method.sparsify(tau, self.spec.density, self.rescale, self._generator(k, name, base))
-        return tau[rows] if whole else tau
+        return tau if whole is None else tau[rows]
 
     def _generator(self, k: int, name: str, like: torch.Tensor) -> torch.Generator:
         """DARE's draws for one expert and tensor: seeded by the run's seed, the expert's name and the tensor's,
