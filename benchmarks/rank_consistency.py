@@ -10,15 +10,18 @@ The proposal is made for the mixture runs' token budget (mixture.total_tokens is
 its max_epochs bounds are then those of the real runs, so uniform and token-proportional are mixtures it
 could have proposed.
 
-`--lever KEY=VALUE` (repeatable; several overrides in one lever are separated by spaces) adds a lever: a recipe override whose real runs are the report's (refused
-when it changes how they train: experts.lr, batch_size, warmup_steps, report.*). For each lever the search is
+`--lever KEY=VALUE` (repeatable; several overrides in one lever are separated by spaces) adds a lever: a
+recipe override whose real runs are the report's (refused when it changes how they train or what scores
+them: experts.batch_size, report.*, evaluation.*; experts.lr and experts.warmup_steps change the experts
+only, as the real runs keep the recipe's schedule through report.lr and report.warmup_steps). For each lever the search is
 run again (an `experts.*` lever trains its experts in a run directory of its own), its merged proxy scores the
 report's mixtures (its merge rho, against the same real runs), and its proposal is trained for real with
 the report's seeds where it is not one of the report's mixtures already. Every score is normalized with the
 recipe's objective, so the rows compare. The "surrogate rho" column is the search's surrogate, refitted on
 its trials with the lever's settings, ranking the report's mixtures against the truth. Levers the issue
 names: merge.scale (first-order theory: a mixture run of T steps moves about T / T_expert times as far as an
-expert), experts.steps (the horizon), experts.replay, search.surrogate_prior, search.final.
+expert), experts.steps (the horizon), experts.lr and experts.warmup_steps, experts.replay,
+search.surrogate_prior, search.final.
 
     python benchmarks/rank_consistency.py                                  # both testbeds, demo scale
     python benchmarks/rank_consistency.py --recipe recipes/ledger.yaml     # one testbed
@@ -129,7 +132,10 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
     from mergemix.search.trials import alpha_key
 
     ref_ws, ref_proposed = ref
-    overrides = [*settings, f"report.steps={d['settings']['mixture_steps']}", *lever.split()]
+    # the real runs keep the recipe's schedule when a lever changes the experts' (experts.lr, warmup_steps)
+    lr, warmup = ref_ws.recipe.report.schedule(ref_ws.recipe.experts)
+    overrides = [*settings, f"report.steps={d['settings']['mixture_steps']}", f"report.lr={lr}",
+                 f"report.warmup_steps={warmup}", *lever.split()]
     if any(o.startswith("experts.") for o in lever.split()):
         slug = "".join(c if c.isalnum() else "-" for c in lever)
         overrides.append(f"run_dir={ref_ws.run_dir}/lever-{slug}")
@@ -138,7 +144,7 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
     if _truth_key(recipe, ws) != _truth_key(ref_ws.recipe, ref_ws):
         raise SystemExit(f"--lever {lever}: it changes how the real runs train (or what scores them), so the "
                          "report's runs cannot judge it; choose a lever of the search, the merge or the experts' "
-                         "horizon and replay")
+                         "horizon, learning rate, warmup and replay")
     proposed = run_proposal(ws)
     assert proposed is not None and ws.model is not None
     objective = ref_proposed.search.objective

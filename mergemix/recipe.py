@@ -664,6 +664,13 @@ class ReportSpec(_Model):
     )
     steps: int | None = Field(None, gt=0, description="optimizer steps per mixture run (default 2 x the experts')")
     tokens: int | None = Field(None, gt=0, description="token budget per mixture run (alternative to steps)")
+    lr: float | None = Field(
+        None, gt=0, description="constant learning rate of the mixture runs after warmup (default: experts.lr); "
+        "set it to your mid-training's, to try an experts.lr of their own against the same real runs"
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="linear warmup steps of the mixture runs (default: experts.warmup_steps)"
+    )
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for the 95% intervals of rho and tau")
     interference_batches: int = Field(
         2, ge=0, description="batches (of experts.batch_size blocks) per domain for the Hessian-vector-product "
@@ -685,6 +692,11 @@ class ReportSpec(_Model):
         if self.tokens is not None:
             return math.ceil(self.tokens / (experts.batch_size * seq_len))
         return 2 * experts.num_steps(seq_len)
+
+    def schedule(self, experts: ExpertSpec) -> tuple[float, int]:
+        """The mixture runs' (learning rate, warmup steps): the report's own, else the experts'."""
+        return (experts.lr if self.lr is None else self.lr,
+                experts.warmup_steps if self.warmup_steps is None else self.warmup_steps)
 
 
 class Recipe(_Model):

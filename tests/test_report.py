@@ -99,6 +99,45 @@ def test_report_recipe_errors(micro_data: dict[str, Any], tmp_path: Path) -> Non
         recipe_from_dict({**d, "report": {"steps": 5, "tokens": 500}})
 
 
+def test_mixture_runs_train_with_the_reports_schedule(micro_data: dict[str, Any], tmp_path: Path) -> None:
+    """report.lr and report.warmup_steps set how the real runs train (default: the experts'), and their run key
+    follows the schedule used: an experts.lr of its own leaves the report's runs as they were."""
+    import torch
+
+    from mergemix.pipeline import start
+    from mergemix.report.mixtures import Mixture, mixture_run, run_key
+
+    d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
+    recipe = recipe_from_dict({**d, "report": {"steps": 3}})
+    ws = start(recipe)
+    assert ws.model is not None
+    mix = Mixture("uniform", {"math": 1 / 3, "prose": 1 / 3, "code": 1 / 3})
+
+    def key(r: Any) -> str:
+        return run_key(r, ws.base_hash, ws.blocks, mix.alpha, 0, "bench")
+
+    assert recipe.report.schedule(recipe.experts) == (2e-3, 1)
+    pinned = recipe_from_dict({**d, "experts": {**d["experts"], "lr": 5e-4, "warmup_steps": 4},
+                               "report": {"steps": 3, "lr": 2e-3, "warmup_steps": 1}})
+    assert key(pinned) == key(recipe)
+    assert key(recipe_from_dict({**d, "report": {"steps": 3, "lr": 5e-4}})) != key(recipe)
+    assert key(recipe_from_dict({**d, "report": {"steps": 3, "warmup_steps": 2}})) != key(recipe)
+
+    def moved(r: Any, name: str) -> bool:
+        trained: dict[str, torch.Tensor] = {}
+
+        def evaluate(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+            trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return {}
+
+        mixture_run(r, ws.model, ws.blocks, mix, 0, key(r), tmp_path / name, evaluate)
+        return any(not torch.equal(v, trained[k]) for k, v in ws.model.state_dict().items())
+
+    assert moved(recipe, "experts_lr")
+    # the experts' rate is 2e-3; a vanishing report.lr leaves every weight as the base's
+    assert not moved(recipe_from_dict({**d, "report": {"steps": 3, "lr": 1e-30}}), "report_lr")
+
+
 def _report_recipe(micro_data: dict[str, Any], tmp_path: Path, **report: Any) -> Path:
     d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
     d["report"] = {**REPORT, **report}

@@ -1,7 +1,8 @@
 """The report's ground truth: which mixtures to train for real, and one real model per mixture and seed.
 
 A mixture run trains a copy of the base on the domains' expert pools (the text the experts saw and the
-base did not), sampled in proportion to α, with the experts' optimizer. Runs with the same seed number
+base did not), sampled in proportion to α, with the experts' optimizer (report.lr and report.warmup_steps
+replace its schedule). Runs with the same seed number
 draw from the same random stream whatever their mixture (common random numbers): differences between
 mixtures are then less noisy, and the noise ceiling is measured under the same design. Its scores are saved under
 `report/runs/<key>.json`, where the key hashes every input (base, data, α, seed, budget, benchmarks), so
@@ -73,7 +74,7 @@ def run_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], alp
             seed_index: int, bench_key: str) -> str:
     """Hash of everything a mixture run's scores depend on."""
     e = recipe.experts
-    training = [e.batch_size, e.lr, e.warmup_steps, e.weight_decay, list(e.betas),
+    training = [e.batch_size, *recipe.report.schedule(e), e.weight_decay, list(e.betas),
                 recipe.report.num_steps(e, recipe.data.seq_len), recipe.data.seq_len]
     data = [blocks[d].content_hash for d in recipe.domain_names]
     return stable_hash([base_hash, data, alpha_key(alpha), recipe.seed, seed_index, training, bench_key,
@@ -114,7 +115,8 @@ def mixture_run(
     model = copy.deepcopy(base)
     sampler = Sampler(tuple(blocks[d].blocks["expert"] for d in names), tuple(mixture.alpha[d] for d in names),
                       e.batch_size, seed=seed)
-    cfg = TrainConfig(steps=steps, lr=e.lr, warmup_steps=e.warmup_steps, schedule="constant",
+    lr, warmup_steps = recipe.report.schedule(e)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, schedule="constant",
                       weight_decay=e.weight_decay, betas=e.betas, checkpoint_every=e.checkpoint_every,
                       **e.train_fields())
     if main:
