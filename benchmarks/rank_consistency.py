@@ -122,13 +122,28 @@ def _truth_key(recipe: Recipe, ws: Any) -> str:
     return run_key(recipe, ws.base_hash, ws.blocks, uniform, 0, benchmark_key(recipe, ws))
 
 
+def _real_seeds(recipe: Recipe, ref: tuple[Any, Any], alpha: dict[str, float]) -> list[float]:
+    """`alpha` trained for real with the report's seeds (the report's runs, saved with them; reused where
+    done), each scored with the recipe's objective. `recipe` trains them as the report does (its truth key)."""
+    from mergemix.pipeline import benchmark_key
+    from mergemix.report.mixtures import Mixture, mixture_run, run_key
+
+    ws, proposed = ref
+    out = []
+    for s in range(ws.recipe.report.seeds):
+        key = run_key(recipe, ws.base_hash, ws.blocks, alpha, s, benchmark_key(ws.recipe, ws))
+        rec = mixture_run(ws.recipe, ws.model, ws.blocks, Mixture("proposal", alpha), s, key,
+                          ws.run_dir / "report" / "runs", proposed.evaluator)
+        out.append(proposed.search.objective(rec["raw"])[2])
+    return out
+
+
 def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], ref: tuple[Any, Any]) -> dict[str, Any]:
     """The proposal run again with the override `lever` (its own run directory for an experts.* lever); its
     merged proxy ranked against the report's real runs and its proposal trained for real with the report's
     seeds (reused where it is one of the report's mixtures; saved with the report's runs). `ref`: the recipe's
     (workspace, proposal), whose objective normalizes every score."""
     from mergemix.pipeline import run_proposal, start
-    from mergemix.report.mixtures import Mixture, mixture_run, run_key
     from mergemix.search.trials import alpha_key
 
     ref_ws, ref_proposed = ref
@@ -153,21 +168,10 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
     if alpha_key(star) in known:
         seeds = [s["objective"] for s in known[alpha_key(star)]["truth_seeds"]]
     else:
-        seeds = []
-        for s in range(ref_ws.recipe.report.seeds):
-            key = run_key(recipe, ref_ws.base_hash, ref_ws.blocks, star, s, _bench_key(ref_ws))
-            rec = mixture_run(ref_ws.recipe, ref_ws.model, ref_ws.blocks, Mixture("proposal", star), s, key,
-                              ref_ws.run_dir / "report" / "runs", ref_proposed.evaluator)
-            seeds.append(objective(rec["raw"])[2])
+        seeds = _real_seeds(recipe, ref, star)
     return {"lever": lever, "proposal": seeds, "alpha": star,
             "merge": _proxy_agreement(ws, objective, d, recipe.seed),
             "surrogate_rho": _surrogate_rho(recipe, proposed, d)}
-
-
-def _bench_key(ws: Any) -> str:
-    from mergemix.pipeline import benchmark_key
-
-    return benchmark_key(ws.recipe, ws)
 
 
 def _cells(row: dict[str, Any], d: dict[str, Any]) -> str:

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "search":
             from mergemix.search.strategies import STRATEGIES
 
-            s.add_argument("--strategy", choices=list(STRATEGIES), help="search strategy (default: search.strategy)")
+            s.add_argument("--strategy", choices=["auto", *STRATEGIES],
+                           help="search strategy (default: search.strategy)")
             s.add_argument("--worker", action="store_true",
                            help="add trials to the shared optuna study and exit, writing no proposal.json")
         if name == "evaluate":

@@ -22,7 +22,7 @@ from mergemix.collective import follow, leading, processes, shard_model, tell
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, Items, read_benchmarks
-from mergemix.evaluate.differentiable import GradientObjective
+from mergemix.evaluate.differentiable import DIFFERENTIABLE, GradientObjective
 from mergemix.experts import Expert, general_probs, precision_key, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.lazy import checkpoint_state
@@ -33,7 +33,7 @@ from mergemix.proposal import Margin, Proposal, Scored, Signal
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.search import SearchResult, Trial
 from mergemix.search.feasible import Bounds
-from mergemix.search.hierarchy import run_hierarchical
+from mergemix.search.hierarchy import level_of, run_hierarchical
 from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def is_main_process() -> bool:
 @contextmanager
 def _main_process_first(device: str) -> Iterator[None]:
     """Run the body on the main process first, then on the others (which then find its caches written)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if processes() == 1:
         yield
         return
     with process_state(device).main_process_first():
@@ -335,18 +335,59 @@ def search(recipe: Recipe, strategy: str | None = None, worker: bool = False) ->
     return proposed
 
 
-def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResult, Bounds]:
-    """Search over the workspace's experts, scored by `s`: the trials' result and the bounds."""
+def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResult, Bounds, str]:
+    """Search over the workspace's experts, scored by `s`: the trials' result, the bounds and the strategy
+    that searched (`strategy`, else search.strategy; `auto` chosen by `choose_strategy`)."""
     recipe = ws.recipe
     with ws.timings.stage("search"):
         names = recipe.domain_names
         prior = np.array(general_probs(ws.blocks, names))
         bounds = recipe.mixture.bounds(names, ws.available)
+        name = strategy or recipe.search.strategy
+        if name == "auto":
+            name = choose_strategy(ws, level_of(recipe, bounds, prior) is not None)
         result = run_hierarchical(recipe, s.evaluate_alpha, prior, ws.run_dir / "trials.jsonl",
-                                  evaluation_key(recipe, ws), bounds, strategy,
+                                  evaluation_key(recipe, ws), bounds, name,
                                   None if s.leads else s.differentiable())
         s.merger.restore()
-    return result, bounds
+    return result, bounds, name
+
+
+def choose_strategy(ws: Workspace, staged: bool) -> str:
+    """What search.strategy `auto` searches with: `gradient` where it can run, else `surface`; the choice and
+    its reason are logged. Gradient is the default because its proposal trained best on both testbeds
+    (README, "Rank consistency on both testbeds"); it needs the whole merged model in one process, flat
+    shares (not `staged`: mixture.groups or reuse keeping ratios), every weighted benchmark differentiable
+    (perplexity, multiple_choice: the descent would leave the others out), and memory beside the merger for
+    the merged parameters and their gradients (fp32, plus a cast copy for a model below it)."""
+    recipe, why = ws.recipe, None
+    assert ws.model is not None
+    weighted = [b for b in recipe.evaluation.benchmarks if recipe.evaluation.weight(b.capability) > 0]
+    flat = [b.name for b in weighted if b.kind not in DIFFERENTIABLE]
+    if processes() > 1:
+        why = f"a launch of {processes()} processes searches a sharded model"
+    elif staged:
+        why = "the search is staged (mixture.groups or mixture.reuse), and gradient searches flat shares"
+    elif flat:
+        why = f"{', '.join(flat)}: no gradient, so the descent would leave them out"
+    else:
+        params = list(ws.model.parameters())
+        need = sum(p.numel() * (8 + (p.element_size() if p.element_size() < 4 else 0)) for p in params)
+        free = free_memory(params[0].device)
+        if need > free:
+            why = f"the descent needs {need / 2**30:.1f} GiB beside the merger, {free / 2**30:.1f} GiB is free"
+    chosen = "surface" if why else "gradient"
+    log.info("search.strategy auto: %s%s", chosen, f" ({why})" if why else "")
+    return chosen
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 Then = Callable[[Proposed, Scoring], None]
@@ -401,7 +442,7 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
     """Search → mixture → proposal.json over the workspace's experts, scored by `s`; then `then`."""
     recipe = ws.recipe
     names = recipe.domain_names
-    result, bounds = _search(ws, s, strategy)
+    result, bounds, strategy = _search(ws, s, strategy)
     real = None
     if recipe.search.verify_real:
         from mergemix.verify_real import verify_real
@@ -430,7 +471,7 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
                 f"expert:{names[vertices.index(best_expert)]}": _scored(best_expert),
             },
             signal=_signal(result, recipe),
-            strategy=strategy or recipe.search.strategy,
+            strategy=strategy,
             surrogate=recipe.search.surrogate,
             surrogate_prior=recipe.search.surrogate_prior,
             surrogate_loo_rmse={g: round(v, 6) for g, v in result.surrogate_loo_rmse.items()},

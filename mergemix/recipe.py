@@ -437,9 +437,11 @@ class SearchSpec(_Model):
         "to it (2.0 spreads well over the simplex for K = 4)",
     )
     strategy: str = Field(
-        "surface", description="surface (seeds, surrogates, dense search, verification) | tpe | cmaes | gp (optuna "
-        "samplers in a shared study) | gradient (Adam on softmax logits of alpha through the merged model's "
-        "differentiable scores) | grid (a regular grid, K <= 3: the reference optimum)"
+        "auto", description="auto (gradient where it can run: one process, flat shares, every weighted benchmark "
+        "differentiable, memory for it; else surface. Its proposal trained best on both testbeds) | surface "
+        "(seeds, surrogates, dense search, verification) | tpe | cmaes | gp (optuna samplers in a shared study) | "
+        "gradient (Adam on softmax logits of alpha through the merged model's differentiable scores) | grid (a "
+        "regular grid, K <= 3: the reference optimum)"
     )
     trials: int | None = Field(
         None, ge=1, description="mixtures a strategy may score after the references (base, vertices, uniform, token "
@@ -504,7 +506,7 @@ class SearchSpec(_Model):
     def _known_strategy(cls, v: str) -> str:
         from mergemix.search.strategies import STRATEGIES
 
-        return _registered(STRATEGIES, v)
+        return v if v == "auto" else _registered(STRATEGIES, v)
 
 
 class ReuseSpec(_Model):

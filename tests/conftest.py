@@ -97,7 +97,7 @@ def micro_recipe_dict(micro_data: dict[str, Any], run_dir: Path, cache_dir: Path
             ],
             "weights": {"coding": 1.0, "math": 1.0},
         },
-        "search": {"seeds": 8, "candidates": 400, "verify": 2, "surrogate": "lightgbm"},
+        "search": {"strategy": "surface", "seeds": 8, "candidates": 400, "verify": 2, "surrogate": "lightgbm"},
         "mixture": {"total_tokens": 100000},
     }
 

@@ -19,7 +19,7 @@ from mergemix.evaluate import EvalContext, Objective
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.evaluate.kinds import MultipleChoice, Perplexity
 from mergemix.merge import InPlaceMerger
-from mergemix.recipe import BenchmarkSpec, EvalSpec
+from mergemix.recipe import BenchmarkSpec, EvalSpec, recipe_from_dict
 from mergemix.search.feasible import Bounds
 from mergemix.search.gradient import project
 
@@ -100,9 +100,36 @@ def _gradient_recipe(micro_recipe_file: Path, **mixture: Any) -> Path:
     return path
 
 
+def test_auto_strategy_is_gradient_only_where_it_can_run(micro_recipe_file: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergemix import pipeline
+
+    ws = pipeline.start(load_recipe(_gradient_recipe(micro_recipe_file), ["search.strategy=auto"]))
+    assert pipeline.choose_strategy(ws, staged=False) == "gradient"
+    assert pipeline.choose_strategy(ws, staged=True) == "surface"  # mixture.groups: gradient searches flat shares
+    with monkeypatch.context() as m:  # too little memory for the merged parameters and their gradients
+        m.setattr(pipeline, "free_memory", lambda device: 1000)
+        assert pipeline.choose_strategy(ws, staged=False) == "surface"
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")  # a launch searches a sharded model
+        assert pipeline.choose_strategy(ws, staged=False) == "surface"
+    # a weighted benchmark without a gradient (generation) would be left out of the descent: surface
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"question": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    r = yaml.safe_load(_gradient_recipe(micro_recipe_file).read_text())
+    r["evaluation"]["benchmarks"].append({"name": "sums_gen", "kind": "generation", "path": str(gen),
+                                          "capability": "gen", "shots": 0})
+    r["search"]["strategy"] = "auto"
+    ws.recipe = recipe_from_dict(r)
+    assert pipeline.choose_strategy(ws, staged=False) == "surface"
+    r["evaluation"]["weights"] = {"gen": 0}
+    ws.recipe = recipe_from_dict(r)
+    assert pipeline.choose_strategy(ws, staged=False) == "gradient"
+
+
 @pytest.mark.slow
 def test_gradient_improves_heldout_loss_and_keeps_the_bounds(micro_recipe_file: Path) -> None:
-    recipe = load_recipe(_gradient_recipe(micro_recipe_file))
+    recipe = load_recipe(_gradient_recipe(micro_recipe_file), ["search.strategy=auto"])  # auto: gradient here
     proposal = propose(recipe)
     assert proposal is not None and proposal.strategy == "gradient"
     trials = read_jsonl(recipe.resolved_run_dir() / "trials.jsonl")

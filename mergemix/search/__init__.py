@@ -124,6 +124,9 @@ def run_search(
     bounds = bounds or recipe.mixture.bounds(domains)
     units = level.units if level else domains
     name = strategy or spec.strategy
+    if name == "auto":
+        raise MergemixError("search.strategy auto is chosen where the model is known (mergemix.pipeline."
+                            "choose_strategy: propose, search); pass run_search a strategy by name")
     cls = STRATEGIES.get(name)
     trial_log = TrialLog(log_path, eval_key)
     # Derived scores depend on the objective's definition too: a trial scored under another one is re-used
