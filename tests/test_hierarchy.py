@@ -63,7 +63,9 @@ def _vec(alpha: dict[str, float]) -> np.ndarray:
 
 
 def _search(recipe: Recipe, log: Path, evaluate: Counted, strategy: str | None = None) -> Any:
-    return run_hierarchical(recipe, evaluate, PRIOR, log, "k", recipe.mixture.bounds(recipe.domain_names), strategy)
+    # `auto` is the pipeline's to choose (it knows the model): these searches name theirs, surface by default
+    named = strategy or (recipe.search.strategy if recipe.search.strategy != "auto" else "surface")
+    return run_hierarchical(recipe, evaluate, PRIOR, log, "k", recipe.mixture.bounds(recipe.domain_names), named)
 
 
 def test_level_lift_keeps_group_totals_token_split_and_bounds() -> None:
