@@ -2,7 +2,8 @@
 
 After the search, the top N distinct feasible mixtures (by what the search maximizes) and the uniform and
 token-proportional baselines are each trained for a short real run from the base (the report's mixture runs:
-`report.steps` or `report.tokens`, seed number 0, the experts' optimizer), scored with the search's
+`report.steps` or `report.tokens`, seed number 0, the experts' optimizer with the report's schedule:
+report.lr, report.warmup_steps), scored with the search's
 objective, and the best becomes α*. Each run is saved under `<run_dir>/verify_real/<key>.json` with the
 report's run key, so a rerun trains nothing again. What it cost (tokens trained, wall seconds this call
 spent) goes to proposal.json and the printed table.
