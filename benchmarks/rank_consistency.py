@@ -11,17 +11,17 @@ its max_epochs bounds are then those of the real runs, so uniform and token-prop
 could have proposed.
 
 `--lever KEY=VALUE` (repeatable; several overrides in one lever are separated by spaces) adds a lever: a
-recipe override whose real runs are the report's (refused when it changes how they train or what scores
-them: experts.batch_size, report.*, evaluation.*; experts.lr and experts.warmup_steps change the experts
-only, as the real runs keep the recipe's schedule through report.lr and report.warmup_steps). For each lever the search is
-run again (an `experts.*` lever trains its experts in a run directory of its own), its merged proxy scores the
-report's mixtures (its merge rho, against the same real runs), and its proposal is trained for real with
-the report's seeds where it is not one of the report's mixtures already. Every score is normalized with the
-recipe's objective, so the rows compare. The "surrogate rho" column is the search's surrogate, refitted on
-its trials with the lever's settings, ranking the report's mixtures against the truth. Levers the issue
-names: merge.scale (first-order theory: a mixture run of T steps moves about T / T_expert times as far as an
-expert), experts.steps (the horizon), experts.lr and experts.warmup_steps, experts.replay,
-search.surrogate_prior, search.final.
+recipe override whose real runs are the report's (refused when it changes how they train or what scores them:
+experts.batch_size, report.*, the benchmarks; experts.lr and experts.warmup_steps change the experts only, as
+the real runs keep the recipe's schedule through report.lr and report.warmup_steps; objective weights and
+evaluation.low_signal_ratio change the search only). For each lever the search is run again (an `experts.*`
+lever trains its experts in a run directory of its own), its merged proxy scores the report's mixtures (its
+merge rho, against the same real runs), and its proposal is trained for real with the report's seeds where it
+is not one of the report's mixtures already. Every score is normalized with the recipe's objective, so the
+rows compare. The "surrogate rho" column is the search's surrogate, refitted on its trials with the lever's
+settings, ranking the report's mixtures against the truth. Levers the issue names: merge.scale (first-order
+theory: a mixture run of T steps moves about T / T_expert times as far as an expert), experts.steps (the
+horizon), experts.lr and experts.warmup_steps, experts.replay, search.surrogate_prior, search.final.
 
     python benchmarks/rank_consistency.py                                  # both testbeds, demo scale
     python benchmarks/rank_consistency.py --recipe recipes/ledger.yaml     # one testbed
