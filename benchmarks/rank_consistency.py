@@ -129,9 +129,10 @@ def _real_seeds(recipe: Recipe, ref: tuple[Any, Any], alpha: dict[str, float]) -
     from mergemix.report.mixtures import Mixture, mixture_run, run_key
 
     ws, proposed = ref
+    bench_key = benchmark_key(ws.recipe, ws)  # hashes every benchmark's data: once, not per seed
     out = []
     for s in range(ws.recipe.report.seeds):
-        key = run_key(recipe, ws.base_hash, ws.blocks, alpha, s, benchmark_key(ws.recipe, ws))
+        key = run_key(recipe, ws.base_hash, ws.blocks, alpha, s, bench_key)
         rec = mixture_run(ws.recipe, ws.model, ws.blocks, Mixture("proposal", alpha), s, key,
                           ws.run_dir / "report" / "runs", proposed.evaluator)
         out.append(proposed.search.objective(rec["raw"])[2])
