@@ -54,10 +54,11 @@ from mergemix.report.metrics import agreement, fmt
 RECIPES = ["recipes/demo.yaml", "recipes/ledger.yaml"]
 SCALES = {
     "demo": [],
-    # ~36M parameters (hidden 512, 8 layers): minutes per mixture run on one GPU, hours on a CPU
+    # ~36M parameters (hidden 512, 8 layers): minutes per mixture run on one GPU, hours on a CPU; the experts
+    # (and real runs) continue at the base's final learning rate (10% of its 1e-3), as the demo's do
     "large": ["base.demo.hidden=512", "base.demo.layers=8", "base.demo.heads=8", "base.demo.ffn=2048",
               "base.demo.vocab=4096", "base.demo.steps=3000", "base.demo.lr=1e-3", "base.demo.batch_size=32",
-              "experts.batch_size=32", "experts.lr=3e-4", "experts.steps=300", "data.seq_len=256"],
+              "experts.batch_size=32", "experts.lr=1e-4", "experts.steps=300", "data.seq_len=256"],
 }
 LARGE_DATA = {"demo": ["data.domains.code.max_chars=12000000", "data.domains.prose.max_chars=3000000"]}
 PREDICTORS = ("interpolation", "token_closeness", "log_prior")

@@ -156,7 +156,11 @@ class ExpertSpec(_Model):
         None, gt=0, description="token budget per expert (alternative to steps; rounded up to whole steps)"
     )
     batch_size: int = Field(16, gt=0, description="sequences per step (global, over all processes)")
-    lr: float = Field(2e-3, gt=0, description="constant learning rate after warmup")
+    lr: float = Field(
+        5e-4, gt=0, description="constant learning rate after warmup: your mid-training's (the report's real runs "
+        "use it too unless report.lr is set). The default is the embedded base's final rate (base.demo.lr 5e-3 "
+        "decays to 10%); re-warmed to 2e-3, the merge ranked real runs worse on both testbeds (README)",
+    )
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
