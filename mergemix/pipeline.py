@@ -353,6 +353,31 @@ def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResu
     return result, bounds, name
 
 
+def replay_mixture(alpha: dict[str, float], replay: float, prior: dict[str, float]) -> dict[str, float]:
+    """The mixture a merge at `alpha` stands for when every expert's batches held a `replay` share of general
+    data (the domains in token proportion, `prior`): to first order (1 - replay) alpha + replay prior."""
+    return {d: (1 - replay) * alpha[d] + replay * prior[d] for d in prior}
+
+
+def _warn_replay(ws: Workspace, alpha: dict[str, float]) -> None:
+    """With experts.replay, alpha* weighs experts that each saw general data: the mixture the merge stands for
+    is nearer token-proportional than alpha* itself, which is what the proposal's shares are (as in the
+    paper). Say so with that mixture, loudest where alpha* leaves a domain out: trained for real, such a
+    mixture forgets what the experts' replay kept (ledger testbed, replay 0.25: alpha* all letters, trained
+    for real -0.81 against uniform's +0.09; README)."""
+    r = ws.recipe.experts.replay
+    if r <= 0:
+        return
+    names = ws.recipe.domain_names
+    mix = replay_mixture(alpha, r, dict(zip(names, general_probs(ws.blocks, names), strict=True)))
+    absent = [d for d in names if alpha[d] < 0.01]
+    log.warning("experts.replay %.2f: every expert trained on %.0f%% general data, so the merge at alpha* stands "
+                "for about %s, not for alpha* itself (the proposal's shares)%s", r, 100 * r,
+                ", ".join(f"{d} {mix[d]:.3f}" for d in names),
+                f"; alpha* leaves out {', '.join(absent)}, which a real run on alpha* may forget far more than "
+                "the merge showed: train the mixture above, or set experts.replay: 0" if absent else "")
+
+
 def choose_strategy(ws: Workspace, staged: bool) -> str:
     """What search.strategy `auto` searches with: `gradient` where it can run, else `surface`; the choice and
     its reason are logged. Gradient is the default because its proposal trained best on both testbeds
@@ -450,6 +475,7 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
         with ws.timings.stage("verify_real"):
             star, real = verify_real(ws, result, bounds, s.evaluator)
         result = replace(result, star=star, predicted_star=star.predicted)
+    _warn_replay(ws, result.star.alpha)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]

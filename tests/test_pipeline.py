@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from mergemix.modeling import fingerprint
 pytestmark = pytest.mark.slow
 
 
-def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path) -> None:
+def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     recipe = load_recipe(micro_recipe_file)
-    proposal = propose(recipe)
+    with caplog.at_level(logging.WARNING, logger="mergemix.pipeline"):
+        proposal = propose(recipe)
     run = recipe.resolved_run_dir()
     assert isinstance(proposal, Proposal)
 
@@ -49,6 +52,12 @@ def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path) ->
         assert m.low < m.verified < m.high and m.within_noise == (m.low <= 0)
         assert m.predicted == pytest.approx(proposal.proposal.predicted - proposal.baselines[key].objective, abs=1e-5)
         assert m.line() in proposal.table()
+
+    # the experts replayed 25% general data: the warning names the mixture the merge at alpha* stands for
+    prior = proposal.baselines["token_prior"].alpha
+    stands_for = ", ".join(f"{d} {0.75 * proposal.alpha_star[d] + 0.25 * prior[d]:.3f}" for d in recipe.domain_names)
+    assert f"experts.replay 0.25: every expert trained on 25% general data, so the merge at alpha* stands for about " \
+           f"{stands_for}, not for alpha* itself" in caplog.text
 
     on_disk = json.loads((run / "proposal.json").read_text())
     assert Proposal.model_validate(on_disk) == proposal
