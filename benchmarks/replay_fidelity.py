@@ -1,7 +1,8 @@
 """How well do merged proxies rank real mixture runs, for each expert replay setting?
 
 Trains one real model per mixture from the demo base (the ground truth), trains the experts once per
-replay setting, and prints Spearman ρ between proxy and truth, per benchmark and for the objective, next
+replay setting, and prints Spearman ρ between proxy and truth (with replay, a mixture's proxy is the merge at
+the weights it maps to, as in the pipeline: mergemix.merge.replay), per benchmark and for the objective, next
 to the cheapest predictor that uses the experts without merging them (linear interpolation of the
 experts' own scores). Results are cached in the run directory, so an interrupted run resumes.
 
@@ -24,8 +25,9 @@ from scipy.stats import spearmanr
 
 from mergemix.artifacts import write_json
 from mergemix.evaluate import Evaluator, Objective
-from mergemix.experts import train_experts
+from mergemix.experts import general_probs, replay_share, train_experts
 from mergemix.merge import InPlaceMerger
+from mergemix.merge.replay import merge_weights, replay_matrix
 from mergemix.modeling import fingerprint
 from mergemix.pipeline import _setup, prepare_base_and_data
 from mergemix.recipe import load_recipe
@@ -83,9 +85,11 @@ def main() -> None:
         experts = train_experts(r, model, fingerprint(ws.base_path), ws.blocks, r.resolved_run_dir())
         states = [x.state() for x in experts]
         merger = InPlaceMerger(model, states)
+        # each mixture scored as the pipeline scores it: with replay, by the merge weights it maps to
+        weights = replay_matrix(replay_share(r.experts), general_probs(ws.blocks, names))
         proxy_raw = []
         for a in alphas:
-            merger.apply(list(a))
+            merger.apply(merge_weights(weights, list(a)))
             proxy_raw.append(evaluator(model))
         expert_raw = []
         for k in range(len(names)):

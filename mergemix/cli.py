@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                        "mergekit YAML of the same merge")
     e.add_argument("run", help="run directory, or the recipe YAML file of the run")
     e.add_argument("--alpha", default="proposal", help='proposal (alpha* of proposal.json), best (the best-scoring '
-                   'trial) or weights such as "code=0.4,prose=0.6" (default proposal)')
+                   'trial) or a mixture such as "code=0.4,prose=0.6" (default proposal); with experts.replay the '
+                   'merge weights differ from the mixture, and mergemix.json and the mergekit YAML hold them')
     e.add_argument("--out", help="output directory (default RUN/export/LABEL-HASH)")
     return p
 

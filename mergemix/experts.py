@@ -28,7 +28,7 @@ from mergemix.errors import MergemixError
 from mergemix.merge.check import Spec, check_expert_file, tensor_specs
 from mergemix.merge.lazy import SafetensorsState
 from mergemix.merge.lora import ADAPTER_CONFIG, ADAPTER_FILE, LoraExpert, check_adapter
-from mergemix.recipe import LoraSpec, Recipe
+from mergemix.recipe import ExpertSpec, LoraSpec, Recipe
 from mergemix.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, resolve_precision, train
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,16 @@ def general_probs(blocks: dict[str, DomainBlocks], names: list[str]) -> tuple[fl
     return tuple(blocks[n].n_tokens / total for n in names)
 
 
+def replay_rows(spec: ExpertSpec) -> int:
+    """Rows of every expert batch drawn from general data: `replay` of `batch_size`, rounded."""
+    return round(spec.replay * spec.batch_size)
+
+
+def replay_share(spec: ExpertSpec) -> float:
+    """The share of general data the experts trained on: `replay` as the batches held it (whole rows)."""
+    return replay_rows(spec) / spec.batch_size
+
+
 def _finished(out: Path, key: str, name: str, base: dict[str, Spec], kind: str) -> dict | None:
     """The manifest of a finished expert of `kind` for `key` in `out`, or None if it must be trained. The key
     says the weights are current, but the files may have been replaced since: their tensors (names, shapes,
@@ -134,7 +144,7 @@ def train_experts(
     spec = recipe.experts
     names = recipe.domain_names
     steps = spec.num_steps(recipe.data.seq_len)
-    own_rows = spec.batch_size - round(spec.replay * spec.batch_size)
+    own_rows = spec.batch_size - replay_rows(spec)
     general = sorted(names)  # the replay mix, in an order that does not depend on the recipe's
     pools = tuple(blocks[n].blocks["expert"] for n in general)
     probs = general_probs(blocks, general)

@@ -23,9 +23,10 @@ from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_do
 from mergemix.errors import MergemixError
 from mergemix.evaluate import Evaluator, Items, read_benchmarks
 from mergemix.evaluate.differentiable import DIFFERENTIABLE, GradientObjective
-from mergemix.experts import Expert, general_probs, precision_key, train_experts
+from mergemix.experts import Expert, general_probs, precision_key, replay_share, train_experts
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.lazy import checkpoint_state
+from mergemix.merge.replay import merge_weights, replay_matrix
 from mergemix.mixture import available_tokens, check_cap, to_mixture
 from mergemix.modeling import build_demo_base, check_checkpoint_dir, fingerprint, load_base, max_positions
 from mergemix.progress import progress
@@ -150,8 +151,11 @@ def benchmark_key(recipe: Recipe, ws: Workspace) -> str:
 
 
 def evaluation_key(recipe: Recipe, ws: Workspace) -> str:
-    """What raw trial scores depend on: the experts, the merge method and the benchmarks."""
-    return stable_hash([[e.key for e in ws.experts], recipe.merge.key(), benchmark_key(recipe, ws)])
+    """What raw trial scores depend on: the experts, the merge method, the benchmarks and, with replay, that
+    an α is a mixture (its merge weights mapped by `replay_of`; before, α was the merge weights)."""
+    share = replay_share(recipe.experts)
+    return stable_hash([[e.key for e in ws.experts], recipe.merge.key(), benchmark_key(recipe, ws),
+                        *([["replay weights", share]] if share > 0 else [])])
 
 
 def _signal(result: SearchResult, recipe: Recipe) -> list[Signal]:
@@ -220,25 +224,41 @@ class Scoring:
     # the main process of a launch's collective search: each merge and evaluation it makes is first sent to
     # the other processes, which make it with it (mergemix.collective.follow)
     leads: bool = False
+    # merge weights w = replay @ alpha of a mixture alpha when the experts replayed general data
+    # (mergemix.merge.replay); None: w = alpha
+    replay: torch.Tensor | None = None
 
     def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
-        """Merge the experts with weights `alpha` (domain → weight) into the model and score it."""
+        """Merge the experts for mixture `alpha` (domain → share; at its merge weights, `replay`) into the model
+        and score it."""
         self._merge("evaluate_alpha", alpha)
         return self.evaluator(self.model)
 
     def items_at(self, alpha: dict[str, float]) -> Items:
-        """Merge with weights `alpha` and score it item by item (`Evaluator.items`)."""
+        """Merge for mixture `alpha` and score it item by item (`Evaluator.items`)."""
         self._merge("items_at", alpha)
         return self.evaluator.items(self.model)
 
     def _merge(self, method: str, alpha: dict[str, float]) -> None:
         if self.leads:
             tell(method, alpha)
-        self.merger.apply([alpha[d] for d in self.names])
+        self.merger.apply(merge_weights(self.replay, [alpha[d] for d in self.names]))
 
     def differentiable(self) -> GradientObjective:
-        """The objective as a function differentiable in α (strategy gradient)."""
-        return GradientObjective(self.evaluator.benchmarks, self.model, self.merger.merged_state)
+        """The objective as a function differentiable in the mixture α (strategy gradient)."""
+        if self.replay is None:
+            return GradientObjective(self.evaluator.benchmarks, self.model, self.merger.merged_state)
+        m = self.replay
+
+        def merged_state(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.merger.merged_state(m.to(alpha) @ alpha)
+
+        return GradientObjective(self.evaluator.benchmarks, self.model, merged_state)
+
+
+def replay_of(ws: Workspace) -> torch.Tensor | None:
+    """The workspace's `replay_matrix`: its experts' replayed share and the domains' token proportions."""
+    return replay_matrix(replay_share(ws.recipe.experts), general_probs(ws.blocks, ws.recipe.domain_names))
 
 
 def merger(ws: Workspace, experts: Sequence[Expert] | None = None) -> InPlaceMerger:
@@ -257,7 +277,7 @@ def scoring(ws: Workspace, experts: Sequence[Expert] | None = None) -> Scoring:
     assert ws.model is not None
     evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
                           ws.cache_dir, ws.benchmark_data)
-    return Scoring(evaluator, merger(ws, experts), ws.model, recipe.domain_names)
+    return Scoring(evaluator, merger(ws, experts), ws.model, recipe.domain_names, replay=replay_of(ws))
 
 
 @dataclass
@@ -351,31 +371,6 @@ def _search(ws: Workspace, s: Scoring, strategy: str | None) -> tuple[SearchResu
                                   None if s.leads else s.differentiable())
         s.merger.restore()
     return result, bounds, name
-
-
-def replay_mixture(alpha: dict[str, float], replay: float, prior: dict[str, float]) -> dict[str, float]:
-    """The mixture a merge at `alpha` stands for when every expert's batches held a `replay` share of general
-    data (the domains in token proportion, `prior`): to first order (1 - replay) alpha + replay prior."""
-    return {d: (1 - replay) * alpha[d] + replay * prior[d] for d in prior}
-
-
-def _warn_replay(ws: Workspace, alpha: dict[str, float]) -> None:
-    """With experts.replay, alpha* weighs experts that each saw general data: the mixture the merge stands for
-    is nearer token-proportional than alpha* itself, which is what the proposal's shares are (as in the
-    paper). Say so with that mixture, loudest where alpha* leaves a domain out: trained for real, such a
-    mixture forgets what the experts' replay kept (ledger testbed, replay 0.25: alpha* all letters, trained
-    for real -0.81 against uniform's +0.09; README)."""
-    r = ws.recipe.experts.replay
-    if r <= 0:
-        return
-    names = ws.recipe.domain_names
-    mix = replay_mixture(alpha, r, dict(zip(names, general_probs(ws.blocks, names), strict=True)))
-    absent = [d for d in names if alpha[d] < 0.01]
-    log.warning("experts.replay %.2f: every expert trained on %.0f%% general data, so the merge at alpha* stands "
-                "for about %s, not for alpha* itself (the proposal's shares)%s", r, 100 * r,
-                ", ".join(f"{d} {mix[d]:.3f}" for d in names),
-                f"; alpha* leaves out {', '.join(absent)}, which a real run on alpha* may forget far more than "
-                "the merge showed: train the mixture above, or set experts.replay: 0" if absent else "")
 
 
 def choose_strategy(ws: Workspace, staged: bool) -> str:
@@ -475,7 +470,6 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
         with ws.timings.stage("verify_real"):
             star, real = verify_real(ws, result, bounds, s.evaluator)
         result = replace(result, star=star, predicted_star=star.predicted)
-    _warn_replay(ws, result.star.alpha)
     with ws.timings.stage("mixture"):
         shares = to_mixture(result.star.alpha, ws.available, recipe.mixture)
         vertices = [t for t in result.trials if t.kind == "vertex"]
@@ -509,6 +503,9 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
             normalization=result.objective.references(),
             margins=_margins(result, s, bounds),
             verify_real=real,
+            merge_weights={} if s.replay is None else dict(zip(
+                names, (round(w, 6) for w in merge_weights(s.replay, [result.star.alpha[d] for d in names])),
+                strict=True)),
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)

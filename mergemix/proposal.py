@@ -135,6 +135,9 @@ class Proposal(_Frozen):
     normalization: dict[str, dict[str, str | float]] = {}
     margins: list[Margin] = []  # the proposal against uniform and token-proportional (the guard)
     verify_real: RealVerification | None = None  # search.verify_real > 0: the short real runs that chose alpha*
+    # experts.replay > 0: the merge weights that scored alpha* (mergemix.merge.replay); empty without replay,
+    # where they are alpha* itself
+    merge_weights: dict[str, float] = {}
 
     def table(self) -> str:
         """Mixture and objective comparison, as plain text."""
@@ -160,6 +163,9 @@ class Proposal(_Frozen):
             lines += ["", *(m.line() for m in self.margins)]
         if self.verify_real is not None:
             lines += ["", *self.verify_real.lines()]
+        if self.merge_weights:
+            lines += ["", "the experts replayed general data, so this mixture was scored by the merge at weights "
+                      + ", ".join(f"{d} {w:.3f}" for d, w in self.merge_weights.items())]
         return "\n".join(lines)
 
     def signal_table(self) -> str:

@@ -172,9 +172,9 @@ class ExpertSpec(_Model):
         "keeping experts nearer the base. Measured on the demo's downstream targets (benchmarks/"
         "replay_fidelity.py, 10 real mixture runs): objective rho 0.89 at 0, 0.88 at 0.25, 0.67 at 0.5. On "
         "objectives that are the domains' own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78). "
-        "With replay r the merge at alpha stands for about (1 - r) alpha + r x token-proportional; the proposal's "
-        "shares are alpha* itself and propose warns with that mixture (README: a vertex alpha* trained for real "
-        "forgot what the replay experts kept)",
+        "With replay r every alpha (searched, reported, exported) is a mixture, scored by the merge at weights "
+        "(alpha - r x token-proportional) / (1 - r): to first order what a merge of such experts stands for "
+        "(mergemix.merge.replay)",
     )
     checkpoint_every: int = Field(50, gt=0, description="save a resumable checkpoint every this many steps")
     micro_batch_size: int | None = Field(

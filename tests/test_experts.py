@@ -76,7 +76,9 @@ def test_lora_experts_are_peft_adapters_and_propose_runs_end_to_end(micro_recipe
     from mergemix.artifacts import read_json, read_jsonl
     from mergemix.merge.export import MERGEKIT_YAML, export
 
-    recipe = load_recipe(micro_recipe_file, ["experts.lora.r=4", "experts.lora.alpha=8", "experts.lr=1e-2"])
+    # without replay the mixture code=1 is merged at weight 1 on the code adapter: the expert itself
+    recipe = load_recipe(micro_recipe_file, ["experts.lora.r=4", "experts.lora.alpha=8", "experts.lr=1e-2",
+                                             "experts.replay=0"])
     proposal = propose(recipe)
     assert proposal is not None
     run = recipe.resolved_run_dir()

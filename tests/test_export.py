@@ -40,8 +40,18 @@ def test_export_writes_a_loadable_model_and_the_same_merge_for_mergekit(
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     config = yaml.safe_load((out / MERGEKIT_YAML).read_text())
     assert config["merge_method"] == "task_arithmetic"
-    assert [(Path(m["model"]).name, m["parameters"]["weight"]) for m in config["models"]] == [
-        ("math", 0.25), ("prose", 0.0), ("code", 0.75)]
+    # the micro experts replayed 25% general data (token proportions p): the mixture's merge weights are
+    # (alpha - 0.25 p) / 0.75, so prose, left out, is a step away from its expert
+    prior = proposal.baselines["token_prior"].alpha
+    alpha = {"math": 0.25, "prose": 0.0, "code": 0.75}
+    w = {d: (a - 0.25 * prior[d]) / 0.75 for d, a in alpha.items()}
+    assert [Path(m["model"]).name for m in config["models"]] == ["math", "prose", "code"]
+    assert [m["parameters"]["weight"] for m in config["models"]] == pytest.approx(list(w.values()), abs=1e-6)
+    assert w["prose"] < 0
+    from mergemix.artifacts import read_json, read_jsonl
+
+    info = read_json(out / "mergemix.json")
+    assert info["alpha"] == alpha and info["weights"] == pytest.approx(w, abs=1e-6)
     # the merge itself: the base plus the weighted task vectors
     from safetensors.torch import load_file
 
@@ -49,8 +59,7 @@ def test_export_writes_a_loadable_model_and_the_same_merge_for_mergekit(
     experts = {Path(m["model"]).name: load_file(str(Path(m["model"]) / "model.safetensors"))
                for m in config["models"]}
     for n, p in base.named_parameters():
-        want = p.detach() + (0.25 * (experts["math"][n] - p.detach()) + 0.0 * (experts["prose"][n] - p.detach())
-                             + 0.75 * (experts["code"][n] - p.detach()))
+        want = p.detach() + sum(w[d] * (experts[d][n] - p.detach()) for d in alpha)
         torch.testing.assert_close(dict(model.named_parameters())[n].detach(), want, atol=1e-6, rtol=0)
 
     # mergekit, given the YAML, writes the same tensors
@@ -67,8 +76,6 @@ def test_export_writes_a_loadable_model_and_the_same_merge_for_mergekit(
 
     # the best-scoring trial's alpha
     assert main(["export", str(run), "--alpha", "best", "--out", str(tmp_path / "best")]) == 0
-    from mergemix.artifacts import read_json, read_jsonl
-
     best = max((t for t in read_jsonl(run / "trials.jsonl") if t["kind"] != "base"), key=lambda t: t["objective"])
     assert read_json(tmp_path / "best" / "mergemix.json")["alpha"] == {d: best["alpha"][d] for d in recipe.domain_names}
 
@@ -77,4 +84,4 @@ def test_export_writes_a_loadable_model_and_the_same_merge_for_mergekit(
     (folder,) = (run / "export").iterdir()
     assert folder.name.startswith("proposal-")
     assert yaml.safe_load((folder / MERGEKIT_YAML).read_text())["models"][0]["parameters"]["weight"] == \
-        proposal.alpha_star["math"]
+        pytest.approx((proposal.alpha_star["math"] - 0.25 * prior["math"]) / 0.75, abs=1e-6)

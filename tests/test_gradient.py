@@ -141,14 +141,14 @@ def test_gradient_improves_heldout_loss_and_keeps_the_bounds(micro_recipe_file: 
     assert proposal.alpha_star in [t["alpha"] for t in trials]  # α* is a verified point
 
     # the same experts under a max share and a pin: every point of the descent is feasible
-    bounded = load_recipe(_gradient_recipe(micro_recipe_file, max_share={"math": 0.2}, pinned={"prose": 0.3}))
+    bounded = load_recipe(_gradient_recipe(micro_recipe_file, max_share={"code": 0.65}, pinned={"prose": 0.3}))
     proposal = propose(bounded)
     assert proposal is not None
     path = [t for t in read_jsonl(bounded.resolved_run_dir() / "trials.jsonl")
             if t["kind"] == "gradient" and t["alpha"]["prose"] == pytest.approx(0.3, abs=1e-6)]
     assert len(path) >= 2  # the feasible start point and the end point
     for t in path:
-        assert t["alpha"]["math"] <= 0.2 + 1e-6 and sum(t["alpha"].values()) == pytest.approx(1, abs=1e-5)
+        assert t["alpha"]["code"] <= 0.65 + 1e-6 and sum(t["alpha"].values()) == pytest.approx(1, abs=1e-5)
     star = proposal.alpha_star
-    assert star["prose"] == pytest.approx(0.3, abs=1e-6) and star["math"] <= 0.2 + 1e-6
+    assert star["prose"] == pytest.approx(0.3, abs=1e-6) and star["code"] <= 0.65 + 1e-6
     assert star in [t["alpha"] for t in path]  # the references lie outside these bounds

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from mergemix.errors import MergemixError
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.check import check_expert_file, tensor_specs
+from mergemix.merge.replay import merge_weights, replay_matrix
 from mergemix.recipe import MergeSpec
 
 
@@ -254,3 +255,16 @@ def test_eight_experts_and_odd_sizes_give_the_reference_merge(monkeypatch: pytes
     for n, p in _params(model).items():
         want = merge_tensor(spec, base[n], [e[n] - base[n] for e in experts], alpha, density=0.5)
         assert torch.equal(p, want), n
+
+
+def test_replay_weights_score_the_mixture_the_experts_stand_for() -> None:
+    prior = [0.5, 0.3, 0.2]
+    m = replay_matrix(0.25, prior)
+    assert replay_matrix(0.0, prior) is None and merge_weights(None, [0.2, 0.8, 0.0]) == [0.2, 0.8, 0.0]
+    alpha = [0.7, 0.3, 0.0]
+    w = merge_weights(m, alpha)
+    # each expert saw 0.75 of its domain and 0.25 of the prior: the merge at w stands for alpha again
+    stands_for = [0.75 * wi + 0.25 * pi for wi, pi in zip(w, prior, strict=True)]
+    assert stands_for == pytest.approx(alpha, abs=1e-12) and sum(w) == pytest.approx(1.0, abs=1e-12)
+    assert w[2] == pytest.approx(-0.25 * 0.2 / 0.75)  # a domain left out: a step away from its expert
+    assert merge_weights(m, [0.0, 0.0, 0.0]) == [0.0, 0.0, 0.0]  # the base stays the base

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from mergemix import Proposal, load_recipe, propose
 from mergemix.artifacts import read_jsonl, stable_hash
+from mergemix.experts import general_probs, train_experts
 from mergemix.modeling import fingerprint
+from mergemix.pipeline import scoring, start
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +56,27 @@ def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path,
         assert m.predicted == pytest.approx(proposal.proposal.predicted - proposal.baselines[key].objective, abs=1e-5)
         assert m.line() in proposal.table()
 
-    # the experts replayed 25% general data: the warning names the mixture the merge at alpha* stands for
-    prior = proposal.baselines["token_prior"].alpha
-    stands_for = ", ".join(f"{d} {0.75 * proposal.alpha_star[d] + 0.25 * prior[d]:.3f}" for d in recipe.domain_names)
-    assert f"experts.replay 0.25: every expert trained on 25% general data, so the merge at alpha* stands for about " \
-           f"{stands_for}, not for alpha* itself" in caplog.text
+    # the experts replayed 25% general data: every alpha is a mixture, scored by the merge at
+    # (alpha - 0.25 p) / 0.75; the search's score of alpha* is that merge's, and the gradient path merges alike
+    ws = start(recipe)
+    ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, run, reuse_only=True)
+    s = scoring(ws)
+    names = recipe.domain_names
+    p = general_probs(ws.blocks, names)
+    weights = [(proposal.alpha_star[d] - 0.25 * p[i]) / 0.75 for i, d in enumerate(names)]
+    star_trial = next(t for t in trials if t["alpha"] == proposal.alpha_star)
+    assert s.evaluate_alpha(proposal.alpha_star) == star_trial["raw"]
+    mapped = {n: t.detach().clone() for n, t in ws.model.state_dict().items()}
+    s.merger.apply(weights)
+    assert all(torch.equal(mapped[n], t) for n, t in ws.model.state_dict().items())
+    s.merger.apply(list(proposal.alpha_star.values()))  # alpha* as merge weights: another model
+    assert not all(torch.equal(mapped[n], t) for n, t in ws.model.state_dict().items())
+    grad_state = s.differentiable().merged_state(torch.tensor([proposal.alpha_star[d] for d in names]))
+    assert all(torch.allclose(grad_state[n], mapped[n], atol=1e-6) for n in grad_state)
+    assert "replay" not in caplog.text  # nothing left to warn about: the proposal's shares are alpha*
+    assert proposal.merge_weights == pytest.approx(dict(zip(names, weights, strict=True)), abs=1e-6)
+    assert "scored by the merge at weights" in proposal.table()
+    s.merger.restore()
 
     on_disk = json.loads((run / "proposal.json").read_text())
     assert Proposal.model_validate(on_disk) == proposal

@@ -115,11 +115,13 @@ def mergekit_config(spec: MergeSpec, base: Path, experts: dict[str, str], alpha:
 
 
 def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | Path | None = None) -> Exported:
-    """Merge the run's experts at α and write `out` (default RUN/export/LABEL-HASH): the model and
-    tokenizer as a Hugging Face directory, `alpha.json` and `mergekit.yaml`."""
+    """Merge the run's experts for mixture α (at its merge weights: α itself without replay) and write `out`
+    (default RUN/export/LABEL-HASH): the model and tokenizer as a Hugging Face directory, `mergemix.json` (α
+    and the weights) and `mergekit.yaml`."""
     from mergemix.experts import LORA, train_experts
     from mergemix.merge.inplace import InPlaceMerger
-    from mergemix.pipeline import start
+    from mergemix.merge.replay import merge_weights
+    from mergemix.pipeline import replay_of, start
 
     recipe = resolve_run(run_or_recipe)
     alpha = parse_alpha(alpha_text, recipe)
@@ -133,16 +135,19 @@ def export(run_or_recipe: str | Path, alpha_text: str = "proposal", out: str | P
     target = Path(out) if out else ws.run_dir / "export" / (
         f"{label}-{stable_hash([keys, recipe.merge.key(), alpha], 8)}")
     states = {d: e.state() for d, e in experts.items()}
-    InPlaceMerger(ws.model, states, recipe.merge, recipe.seed).apply([alpha[d] for d in recipe.domain_names])
+    # α is a mixture; with replay its merge weights differ from it (mergemix.merge.replay)
+    weights = dict(zip(recipe.domain_names, merge_weights(replay_of(ws), [alpha[d] for d in recipe.domain_names]),
+                       strict=True))
+    InPlaceMerger(ws.model, states, recipe.merge, recipe.seed).apply(list(weights.values()))
     base = Path(ws.base_path).resolve()
     models = {d: mergekit_model(base, folder, experts[d].manifest.get("kind") == LORA) for d, folder in dirs.items()}
-    config = mergekit_config(recipe.merge, base, models, alpha, recipe.base.dtype)
+    config = mergekit_config(recipe.merge, base, models, weights, recipe.base.dtype)
     note = "" if recipe.merge.sign == "sum" else "# mergekit 0.1.5 elects signs by sum; this run used count\n"
     if any("+" in m for m in models.values()):
         note += LORA_NOTE
     if target.exists() and any(target.iterdir()):
         raise MergemixError(f"{target}: exists and is not empty; remove it or give another --out")
-    info = {"alpha": alpha, "merge": recipe.merge.model_dump(mode="json"), "experts": keys}
+    info = {"alpha": alpha, "weights": weights, "merge": recipe.merge.model_dump(mode="json"), "experts": keys}
     with atomic_path(target) as tmp:  # the whole directory appears at once, or not at all
         tmp.unlink()
         ws.model.save_pretrained(tmp)
