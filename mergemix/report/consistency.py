@@ -13,7 +13,8 @@ Yardsticks, because a ρ alone means little:
   Σ_d w_d log(α_d + 0.01) weighted by the benchmarks that score a domain's own held-out text (uniform
   weights where none does), and the linear interpolation of the experts' own scores Σ_d α_d·score(expert_d),
   with the partial correlation of the merge and the truth given that interpolation (what merging adds).
-  The experts' own scores are those of the vertex merges, which for linear merging are the experts.
+  The experts' own scores are those of the vertex merges, which for linear merging without replay are the
+  experts (with replay, the merges that stand for each domain alone: mergemix.merge.replay).
 """
 
 from __future__ import annotations
