@@ -174,7 +174,7 @@ class ExpertSpec(_Model):
         "and at 0.25 its proposal (all letters) collapsed trained for real. On objectives that are the domains' "
         "own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78). With replay r every alpha (searched, reported, exported) is a mixture, scored by the merge at weights "
         "(alpha - r x token-proportional) / (1 - r): to first order what a merge of such experts stands for "
-        "(mergemix.merge.replay)",
+        "(mergemix.merge.replay); propose warns when alpha* then leaves a domain below 1%",
     )
     checkpoint_every: int = Field(50, gt=0, description="save a resumable checkpoint every this many steps")
     micro_batch_size: int | None = Field(
