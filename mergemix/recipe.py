@@ -174,7 +174,7 @@ class ExpertSpec(_Model):
         "and at 0.25 its proposal (all letters) collapsed trained for real. On objectives that are the domains' "
         "own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78). With replay r every alpha (searched, reported, exported) is a mixture, scored by the merge at weights "
         "(alpha - r x token-proportional) / (1 - r): to first order what a merge of such experts stands for "
-        "(mergemix.merge.replay); propose warns when alpha* then leaves a domain below 1%",
+        "(mergemix.merge.replay)",
     )
     checkpoint_every: int = Field(50, gt=0, description="save a resumable checkpoint every this many steps")
     micro_batch_size: int | None = Field(
@@ -583,7 +583,9 @@ class MixtureSpec(_Model):
         "of at most max_epochs x available / total_tokens, a bound the search keeps (checked once the data is read)"
     )
     min_share: dict[str, float] = Field(
-        default_factory=dict, description="domain -> lowest share of the mixture; the search stays above it"
+        default_factory=dict, description="domain -> lowest share of the mixture; the search stays above it. "
+        "propose warns when alpha* leaves a domain below 1% that no bound holds there: such runs collapsed "
+        "trained for real on the ledger testbed, where 1% of each domain kept them (README)"
     )
     max_share: dict[str, float] = Field(
         default_factory=dict, description="domain -> highest share of the mixture; the search stays below it"

@@ -268,14 +268,3 @@ def test_replay_weights_score_the_mixture_the_experts_stand_for() -> None:
     assert stands_for == pytest.approx(alpha, abs=1e-12) and sum(w) == pytest.approx(1.0, abs=1e-12)
     assert w[2] == pytest.approx(-0.25 * 0.2 / 0.75)  # a domain left out: a step away from its expert
     assert merge_weights(m, [0.0, 0.0, 0.0]) == [0.0, 0.0, 0.0]  # the base stays the base
-
-
-def test_a_mixture_that_leaves_a_domain_out_under_replay_is_flagged() -> None:
-    from mergemix.pipeline import left_out
-
-    alpha = {"calendar": 0.0, "tables": 0.004, "letters": 0.996}
-    msg = left_out(alpha, 0.25)
-    assert msg is not None and msg.startswith("alpha* leaves out calendar, tables (below 1%)")
-    assert "mixture.min_share: {calendar: 0.01, tables: 0.01}" in msg and "replayed 25% general data" in msg
-    assert left_out(alpha, 0.0) is None  # without replay the experts' vertices show the forgetting
-    assert left_out({"calendar": 0.02, "tables": 0.2, "letters": 0.78}, 0.25) is None

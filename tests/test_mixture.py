@@ -58,3 +58,17 @@ def test_infeasible_bounds_are_refused_at_validation(micro_recipe_file: Path, mi
     assert main(["validate", str(micro_recipe_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+
+
+def test_a_mixture_that_leaves_a_domain_out_is_flagged_with_the_floor_to_set() -> None:
+    from mergemix.pipeline import left_out
+    from mergemix.search.feasible import Bounds
+
+    free = Bounds.build(["calendar", "tables", "letters"], {}, {}, {})
+    msg = left_out({"calendar": 0.0, "tables": 0.004, "letters": 0.996}, free)
+    assert msg is not None and msg.startswith("alpha* leaves out calendar, tables (below 1%)")
+    assert msg.endswith("keep a floor: mixture.min_share: {calendar: 0.01, tables: 0.01}")
+    assert left_out({"calendar": 0.02, "tables": 0.2, "letters": 0.78}, free) is None
+    # a share the recipe itself holds below the floor (pinned at 0, max_share) is what the user asked for
+    held = Bounds.build(["calendar", "tables", "letters"], {}, {"tables": 0.005}, {"calendar": 0.0})
+    assert left_out({"calendar": 0.0, "tables": 0.004, "letters": 0.996}, held) is None

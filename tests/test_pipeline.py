@@ -73,7 +73,7 @@ def test_propose_writes_artifacts_and_reuses_experts(micro_recipe_file: Path,
     assert not all(torch.equal(mapped[n], t) for n, t in ws.model.state_dict().items())
     grad_state = s.differentiable().merged_state(torch.tensor([proposal.alpha_star[d] for d in names]))
     assert all(torch.allclose(grad_state[n], mapped[n], atol=1e-6) for n in grad_state)
-    # a domain left out under replay is flagged (here the micro search leaves some out)
+    # a domain left out is flagged (here the micro search leaves some out)
     absent = [d for d in names if proposal.alpha_star[d] < 0.01]
     assert (f"alpha* leaves out {', '.join(absent)} (below 1%)" in caplog.text) == bool(absent)
     assert proposal.merge_weights == pytest.approx(dict(zip(names, weights, strict=True)), abs=1e-6)
