@@ -172,8 +172,9 @@ class ExpertSpec(_Model):
         "keeping experts nearer the base. Measured with benchmarks/rank_consistency.py (12 mixtures x 4 seeds, "
         "README): merge rho on the demo 0.66 at 0, 0.78 at 0.25, 0.83 at 0.5; on the ledger 0.90, 0.85, 0.31, "
         "and at 0.25 its proposal (all letters) collapsed trained for real. On objectives that are the domains' "
-        "own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78). With replay r every alpha (searched, reported, exported) is a mixture, scored by the merge at weights "
-        "(alpha - r x token-proportional) / (1 - r): to first order what a merge of such experts stands for "
+        "own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78). With replay r every alpha "
+        "(searched, reported, exported) is a mixture, scored by the merge at weights (alpha - r x "
+        "token-proportional) / (1 - r): to first order what a merge of such experts stands for "
         "(mergemix.merge.replay)",
     )
     checkpoint_every: int = Field(50, gt=0, description="save a resumable checkpoint every this many steps")
