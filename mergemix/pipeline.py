@@ -181,8 +181,7 @@ def left_out(alpha: dict[str, float], bounds: Bounds, floor: float = 0.01) -> st
     forgets: on the ledger testbed two proposals that did so collapsed trained for real, the worst runs there
     (all tables with 75-step experts, -0.74; all letters with replay 0.25, -0.81); with a 1% floor the same
     searches' proposals scored 0.05 and 0.11 trained for real (README, "Leaving a domain out")."""
-    absent = [d for d, a, hi in zip(bounds.domains, (alpha[d] for d in bounds.domains), bounds.hi, strict=True)
-              if a < floor <= hi]
+    absent = [d for d, hi in zip(bounds.domains, bounds.hi, strict=True) if alpha[d] < floor <= hi]
     if not absent:
         return None
     return (f"alpha* leaves out {', '.join(absent)} (below {floor:.0%}): a merge of short experts cannot show "
@@ -254,10 +253,14 @@ class Scoring:
         self._merge("items_at", alpha)
         return self.evaluator.items(self.model)
 
+    def weights(self, alpha: dict[str, float]) -> list[float]:
+        """The merge weights of mixture `alpha`, in the merger's order of experts."""
+        return merge_weights(self.replay, [alpha[d] for d in self.names])
+
     def _merge(self, method: str, alpha: dict[str, float]) -> None:
         if self.leads:
             tell(method, alpha)
-        self.merger.apply(merge_weights(self.replay, [alpha[d] for d in self.names]))
+        self.merger.apply(self.weights(alpha))
 
     def differentiable(self) -> GradientObjective:
         """The objective as a function differentiable in the mixture α (strategy gradient)."""
@@ -520,9 +523,8 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
             normalization=result.objective.references(),
             margins=_margins(result, s, bounds),
             verify_real=real,
-            merge_weights={} if s.replay is None else dict(zip(
-                names, (round(w, 6) for w in merge_weights(s.replay, [result.star.alpha[d] for d in names])),
-                strict=True)),
+            merge_weights={} if s.replay is None else {
+                d: round(w, 6) for d, w in zip(s.names, s.weights(result.star.alpha), strict=True)},
         )
         write_json(ws.run_dir / "proposal.json", proposal.model_dump(mode="json"))
     write_json(ws.run_dir / "timings.json", ws.timings.stages)
