@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mergemix.artifacts import ensure_dir, stable_hash, write_json, write_text
+from mergemix.bases import BaseSource, resolve_base
 from mergemix.collective import follow, leading, processes, shard_model, tell
 from mergemix.data.prepare import DomainBlocks, DomainDocs, load_domain, pack_domain
 from mergemix.errors import MergemixError
@@ -66,6 +67,7 @@ class Workspace:
     timings: Timings
     docs: dict[str, DomainDocs] = field(default_factory=dict)
     base_path: Path | None = None
+    base_source: BaseSource | None = None  # what base.path named (a directory, a GGUF file, the demo base)
     base_hash: str = ""
     model: torch.nn.Module | None = None
     tokenizer: object = None
@@ -104,16 +106,17 @@ def _setup(recipe: Recipe) -> Workspace:
 def prepare_base_and_data(ws: Workspace) -> None:
     """Read and split the domains, get the base (local or demo, built once), pack every domain."""
     r = ws.recipe
-    if r.base.path:
-        check_checkpoint_dir(r.base.path)  # before minutes of reading data
+    if r.base.path:  # before minutes of reading data; a GGUF file is converted once, by the main process
+        with _main_process_first(r.device):
+            ws.base_path, ws.base_source = resolve_base(r.base.path, ws.cache_dir)
+        check_checkpoint_dir(ws.base_path)
     with ws.timings.stage("data"), _main_process_first(r.device):
         ws.benchmark_data = read_benchmarks(r, ws.cache_dir)  # small files: fail fast
         ws.docs = {d.name: load_domain(d, r.data.split, r.seed, ws.cache_dir)
                    for d in progress(r.data.domains, desc="read domains", leave=False)}
     with ws.timings.stage("base"):
-        if r.base.path:
-            ws.base_path = Path(r.base.path)
-        else:
+        if not r.base.path:
+            ws.base_source = BaseSource(path=None, format="demo")
             pools = {n: d.pools["base"] for n, d in ws.docs.items()}
             ws.base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, ws.cache_dir, r.device)
         _load_model(ws)
@@ -499,6 +502,7 @@ def _propose(ws: Workspace, s: Scoring, strategy: str | None, then: Then | None 
         proposal = Proposal(
             name=recipe.name,
             seed=recipe.seed,
+            base=ws.base_source.record() if ws.base_source else {},
             domains=names,
             alpha_star=result.star.alpha,
             mixture=shares,

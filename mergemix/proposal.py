@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -113,6 +115,9 @@ class RealVerification(_Frozen):
 class Proposal(_Frozen):
     name: str
     seed: int
+    # where the base came from: base.path as given, its format (demo, hf, gguf) and, for a GGUF file, its
+    # architecture and tensor types (a dequantized Q4_1 base is not bit-equal to the published weights)
+    base: dict[str, Any] = {}
     domains: list[str]
     alpha_star: dict[str, float]
     mixture: list[Share]
@@ -142,6 +147,9 @@ class Proposal(_Frozen):
     def table(self) -> str:
         """Mixture and objective comparison, as plain text."""
         lines = [f"Proposed mixture for {self.name} ({self.total_tokens:,} tokens)", ""]
+        if self.base.get("format") == "gguf":
+            types = ", ".join(f"{t} x{n}" for t, n in sorted(self.base["tensor_types"].items(), key=lambda kv: -kv[1]))
+            lines[-1:-1] = [f"base: {self.base['path']} ({self.base['architecture']} GGUF, {types})"]
         lines.append(f"{'domain':<14}{'ratio':>8}{'tokens':>16}{'epochs':>9}")
         for s in self.mixture:
             flag = f"  ({s.bound})" if s.bound else ""

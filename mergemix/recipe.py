@@ -71,7 +71,10 @@ class BaseSpec(_Model):
     """Where the shared base checkpoint comes from."""
 
     path: str | None = Field(
-        None, description="local Hugging Face causal-LM directory; leave empty to build the demo base"
+        None,
+        description="local Hugging Face causal-LM directory, a .gguf file (converted once to a cached checkpoint; "
+        "needs mergemix[gguf]), or a packaged model's name (smollm2-135m, gemma3-270m: `mergemix ls`); leave "
+        "empty to build the demo base",
     )
     trust_remote_code: bool = Field(False, description="allow custom modeling code shipped with the checkpoint")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
