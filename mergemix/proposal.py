@@ -116,7 +116,8 @@ class Proposal(_Frozen):
     name: str
     seed: int
     # where the base came from: base.path as given, its format (demo, hf, gguf) and, for a GGUF file, its
-    # architecture and tensor types (a dequantized Q4_1 base is not bit-equal to the published weights)
+    # architecture, tensor types and their summary (a dequantized Q4_1 base is not bit-equal to the published
+    # weights); see mergemix.bases.BaseSource
     base: dict[str, Any] = {}
     domains: list[str]
     alpha_star: dict[str, float]
@@ -148,8 +149,7 @@ class Proposal(_Frozen):
         """Mixture and objective comparison, as plain text."""
         lines = [f"Proposed mixture for {self.name} ({self.total_tokens:,} tokens)", ""]
         if self.base.get("format") == "gguf":
-            types = ", ".join(f"{t} x{n}" for t, n in sorted(self.base["tensor_types"].items(), key=lambda kv: -kv[1]))
-            lines[-1:-1] = [f"base: {self.base['path']} ({self.base['architecture']} GGUF, {types})"]
+            lines[-1:-1] = [f"base: {self.base['path']} ({self.base['architecture']} GGUF, {self.base['quantization']})"]
         lines.append(f"{'domain':<14}{'ratio':>8}{'tokens':>16}{'epochs':>9}")
         for s in self.mixture:
             flag = f"  ({s.bound})" if s.bound else ""
