@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mergemix.artifacts import Hasher, atomic_path
@@ -61,18 +61,12 @@ def is_gguf(path: str) -> bool:
 
 
 def _file_key(path: Path) -> str:
-    """The GGUF file's identity (name, size, the first, middle and last MiB) and what converts it."""
+    """The GGUF file's identity (name, size, sampled bytes) and the versions of what converts it."""
     import gguf
     import transformers
 
-    h = Hasher().update(f"{path.name}:{path.stat().st_size}")
-    chunk, size = 1 << 20, path.stat().st_size
-    with open(path, "rb") as f:
-        for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
-            f.seek(offset)
-            h.update(f.read(chunk))
     versions = f"{CONVERSION_VERSION}:{transformers.__version__}:{getattr(gguf, '__version__', '')}"
-    return h.update(versions).hexdigest()
+    return Hasher().update_sampled(path).update(versions).hexdigest()
 
 
 def _read_header(path: Path) -> BaseSource:
@@ -102,8 +96,9 @@ def _read_header(path: Path) -> BaseSource:
 
     if "tokenizer.ggml.eos_token_id" not in reader.fields:
         raise MergemixError(f"base.path: {path} has no EOS token (tokenizer.ggml.eos_token_id), which mergemix "
-                            "puts between packed documents; set one (gguf's gguf-new-metadata --special-token "
-                            "eos TOKEN) or give the model as a checkpoint directory with eos_token set")
+                            "puts between packed documents; write a copy that names one (gguf-new-metadata "
+                            f"{path.name} OUT.gguf --special-token eos TOKEN) or give a checkpoint directory whose "
+                            "tokenizer sets eos_token")
     types = Counter(gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors)
     return BaseSource(path=None, format="gguf", gguf_file=path.name, architecture=text("general.architecture"),
                       tensor_types=dict(types))
@@ -146,9 +141,7 @@ def resolve_base(path: str, cache_dir: Path) -> tuple[Path, BaseSource]:
     file = packaged_file(path, cache_dir) if is_packaged(path) else Path(path)
     if not file.is_file():
         raise MergemixError(f"base.path: {file} does not exist (a .gguf path is read as a GGUF file)")
-    header = _read_header(file)
-    source = BaseSource(path=path, format="gguf", gguf_file=header.gguf_file, architecture=header.architecture,
-                        tensor_types=header.tensor_types)
+    source = replace(_read_header(file), path=path)
     target = Path(cache_dir) / "bases" / f"gguf-{file.stem}-{_file_key(file)}"
     if (target / "config.json").is_file():
         log.info("base: reusing %s, converted from %s", target, file.name)

@@ -76,23 +76,14 @@ def max_positions(model: torch.nn.Module) -> int | None:
 
 
 def fingerprint(path: str | Path) -> str:
-    """Identity of a checkpoint directory without reading all of it: its config, and for every weight file
-    its name, size and sampled bytes (the first, middle and last MiB).
-
-    Hashing every byte of a multi-GB checkpoint would take minutes; a same-size fine-tune of the same
-    architecture still differs in the sampled bytes (a safetensors header alone would not tell).
-    """
+    """Identity of a checkpoint directory without reading all of it: its config, and every weight file's
+    name, size and sampled bytes (`Hasher.update_sampled`; a safetensors header alone would not tell two
+    same-shape checkpoints apart)."""
     path = Path(path)
     h = Hasher().update((path / "config.json").read_text(encoding="utf-8"))
-    chunk = 1 << 20
     for f in sorted(path.iterdir()):
         if f.suffix in WEIGHT_SUFFIXES:
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}")
-            with open(f, "rb") as fh:
-                for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
-                    fh.seek(offset)
-                    h.update(fh.read(chunk))
+            h.update_sampled(f)
     return h.hexdigest()
 
 

@@ -36,6 +36,17 @@ def test_ledger_recipe_scores_a_target_that_is_no_training_domain() -> None:
     assert any(b.kind == "perplexity" for b in benches)
 
 
+def test_smollm2_recipe_names_the_packaged_base_and_scores_no_training_domain() -> None:
+    from mergemix.packaged import PACKAGED
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "smollm2.yaml")
+    assert recipe.base.path in PACKAGED  # a name, not a machine path
+    assert recipe.data.split.base == 0  # nothing is pre-trained on a real model's data
+    sources = {d.source for d in recipe.data.domains}
+    assert all(b.domain is None and b.path not in sources for b in recipe.evaluation.benchmarks)
+    assert recipe.experts.precision == "bf16" and recipe.report.seeds >= 2 and recipe.report.mixtures >= 8
+
+
 def _write(tmp_path: Path, raw: dict) -> Path:
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
