@@ -145,5 +145,3 @@ class Hasher:
                 f.seek(offset)
                 self.update(f.read(chunk))
         return self
-
-

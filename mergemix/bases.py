@@ -57,10 +57,6 @@ class BaseSource:
         return out
 
 
-def is_gguf(path: str) -> bool:
-    return is_packaged(path) or Path(path).suffix.lower() == ".gguf"
-
-
 def _file_key(path: Path) -> str:
     """The GGUF file's identity (name, size, sampled bytes) and the versions of what converts it."""
     import gguf
@@ -137,12 +133,13 @@ def _convert(path: Path, source: BaseSource, target: Path) -> None:
 
 def resolve_base(path: str, cache_dir: Path) -> tuple[Path, BaseSource]:
     """The checkpoint directory that `base.path` stands for, converting a GGUF file the first time."""
-    if not is_gguf(path):
+    packaged = is_packaged(path)
+    if not packaged and Path(path).suffix.lower() != ".gguf":
         close = difflib.get_close_matches(path, list(PACKAGED), n=1)
         if close and not Path(path).exists():
             raise MergemixError(f"base.path: {path} does not exist; did you mean the packaged model {close[0]!r}?")
         return Path(path), BaseSource(path=path, format="hf")
-    file = packaged_file(path, cache_dir) if is_packaged(path) else Path(path)
+    file = packaged_file(path, cache_dir) if packaged else Path(path)
     if not file.is_file():
         raise MergemixError(f"base.path: {file} does not exist (a .gguf path is read as a GGUF file)")
     source = replace(_read_header(file), path=path)

@@ -16,6 +16,11 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `_permute`: back to transformers' q/k row order."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def write_llama_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, qtype: str = "F32",
                      arch: str = "llama", eos: bool = True) -> Path:
     """Write `model` (a LlamaForCausalLM with tied embeddings) and its byte-level BPE `tokenizer` as a GGUF

@@ -18,7 +18,7 @@ from mergemix import MergemixError, load_recipe, propose
 from mergemix.bases import resolve_base
 from mergemix.modeling import load_base
 from mergemix.packaged import PACKAGED, PackagedModel, packaged_file
-from tests.gguf_files import _permute, dequantized, write_llama_gguf
+from tests.gguf_files import _permute, _unpermute, dequantized, write_llama_gguf
 
 pytest.importorskip("gguf")
 
@@ -51,9 +51,8 @@ def test_a_gguf_file_loads_with_its_weights(tiny_lm: tuple[Any, Any], tmp_path: 
         proj = next((p for p in heads if p in name), None)
         data = want.numpy() if proj is None else _permute(want.numpy(), heads[proj])
         ref = dequantized(data, qtype)
-        if proj is not None:  # undo the permutation: it is its own inverse after swapping the two row axes
-            h = heads[proj]
-            ref = ref.reshape(h, ref.shape[0] // h // 2, 2, -1).swapaxes(1, 2).reshape(ref.shape)
+        if proj is not None:
+            ref = _unpermute(ref, heads[proj])
         assert torch.equal(got[name], torch.from_numpy(ref)), name
         assert (got[name] - want).abs().max() <= want.abs().max() / 127 + 1e-7, name  # Q8_0: 8 bits per block
 
