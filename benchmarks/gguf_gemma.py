@@ -58,11 +58,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoModelForCausalLM
 
-    from mergemix.experts import train_experts
-    from mergemix.merge.export import export
     from mergemix.merge.inplace import InPlaceMerger
-    from mergemix.pipeline import start
+    from mergemix.pipelines.export import export
     from mergemix.recipe import recipe_from_dict
+    from mergemix.run.experts import train_experts
+    from mergemix.run.workspace import open_workspace
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -71,8 +71,7 @@ def main() -> None:
         path.write_text(yaml.safe_dump(raw))
         recipe = recipe_from_dict(raw, str(path))
         t0 = time.perf_counter()
-        ws = start(recipe)
-        assert ws.model is not None and ws.base_source is not None
+        ws = open_workspace(recipe)
         print(f"base: {type(ws.model).__name__} ({ws.model.config.model_type}), "
               f"{sum(p.numel() for p in ws.model.parameters()):,} parameters, {ws.base_source.quantization}; "
               f"loaded in {time.perf_counter() - t0:.0f} s")

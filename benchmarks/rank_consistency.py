@@ -80,12 +80,12 @@ def _trained_for_real(d: dict[str, Any]) -> str:
     return "trained for real (objective, ± 1.96 item se): " + "; ".join(parts)
 
 
-def _proxy_agreement(ws: Any, objective: Any, d: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The merged proxy of `ws` (its experts, its merge settings) at the report's mixtures, scored with
+def _proxy_agreement(ws: Any, experts: Any, objective: Any, d: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The merged proxy of `experts` (with the merge settings of `ws`) at the report's mixtures, scored with
     `objective`, against the truth (objective, mean over seeds)."""
-    from mergemix.pipeline import scoring
+    from mergemix.run.scoring import open_scoring
 
-    s = scoring(ws)
+    s = open_scoring(ws, experts)
     try:
         proxy = [objective(s.evaluate_alpha(m["alpha"]))[2] for m in d["mixtures"]]
     finally:
@@ -100,7 +100,7 @@ def _surrogate_rho(recipe: Recipe, proposed: Any, d: dict[str, Any]) -> float | 
 
     names, objective = recipe.domain_names, proposed.search.objective
     trials = [t for t in proposed.search.trials if t.kind != "base"]
-    vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in trials if t.kind == "vertex"}
+    vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in proposed.search.vertices}
     x = np.array([t.vector(names) for t in trials])
     q = np.array([[m["alpha"][n] for n in names] for m in d["mixtures"]])
     preds = {}
@@ -116,21 +116,21 @@ def _surrogate_rho(recipe: Recipe, proposed: Any, d: dict[str, Any]) -> float | 
 
 def _truth_key(recipe: Recipe, ws: Any) -> str:
     """What the real runs of `recipe` depend on (the report's run key of the uniform mixture, seed 0)."""
-    from mergemix.pipeline import benchmark_key
-    from mergemix.report.mixtures import run_key
+    from mergemix.run.mixture_runs import run_key
+    from mergemix.run.workspace import benchmark_key
 
     uniform = {n: 1 / len(recipe.domain_names) for n in recipe.domain_names}
-    return run_key(recipe, ws.base_hash, ws.blocks, uniform, 0, benchmark_key(recipe, ws))
+    return run_key(recipe, ws.base_hash, ws.blocks, uniform, 0, benchmark_key(ws))
 
 
 def _real_seeds(recipe: Recipe, ref: tuple[Any, Any], alpha: dict[str, float]) -> list[float]:
     """`alpha` trained for real with the report's seeds (the report's runs, saved with them; reused where
     done), each scored with the recipe's objective. `recipe` trains them as the report does (its truth key)."""
-    from mergemix.pipeline import benchmark_key
-    from mergemix.report.mixtures import Mixture, mixture_run, run_key
+    from mergemix.run.mixture_runs import Mixture, mixture_run, run_key
+    from mergemix.run.workspace import benchmark_key
 
     ws, proposed = ref
-    bench_key = benchmark_key(ws.recipe, ws)  # hashes every benchmark's data: once, not per seed
+    bench_key = benchmark_key(ws)  # hashes every benchmark's data: once, not per seed
     out = []
     for s in range(ws.recipe.report.seeds):
         key = run_key(recipe, ws.base_hash, ws.blocks, alpha, s, bench_key)
@@ -145,7 +145,8 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
     merged proxy ranked against the report's real runs and its proposal trained for real with the report's
     seeds (reused where it is one of the report's mixtures; saved with the report's runs). `ref`: the recipe's
     (workspace, proposal), whose objective normalizes every score."""
-    from mergemix.pipeline import run_proposal, start
+    from mergemix.pipelines.propose import propose_on
+    from mergemix.run.workspace import open_workspace
     from mergemix.search.trials import alpha_key
 
     ref_ws, ref_proposed = ref
@@ -157,13 +158,13 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
         slug = "".join(c if c.isalnum() else "-" for c in lever)
         overrides.append(f"run_dir={ref_ws.run_dir}/lever-{slug}")
     recipe = load_recipe(path, overrides)
-    ws = start(recipe)
+    ws = open_workspace(recipe)
     if _truth_key(recipe, ws) != _truth_key(ref_ws.recipe, ref_ws):
         raise SystemExit(f"--lever {lever}: it changes how the real runs train (or what scores them), so the "
                          "report's runs cannot judge it; choose a lever of the search, the merge or the experts' "
                          "horizon, learning rate, warmup and replay")
-    proposed = run_proposal(ws)
-    assert proposed is not None and ws.model is not None
+    proposed = propose_on(ws)
+    assert proposed is not None
     objective = ref_proposed.search.objective
     star = proposed.proposal.alpha_star
     known = {alpha_key(m["alpha"]): m for m in d["mixtures"]}
@@ -172,7 +173,7 @@ def _lever_row(path: str, settings: list[str], lever: str, d: dict[str, Any], re
     else:
         seeds = _real_seeds(recipe, ref, star)
     return {"lever": lever, "proposal": seeds, "alpha": star,
-            "merge": _proxy_agreement(ws, objective, d, recipe.seed),
+            "merge": _proxy_agreement(ws, proposed.experts, objective, d, recipe.seed),
             "surrogate_rho": _surrogate_rho(recipe, proposed, d)}
 
 
@@ -250,10 +251,11 @@ def report_one(path: str, scale: str, overrides: list[str], levers: list[str]) -
 
 def _proposed(recipe: Recipe) -> tuple[Any, Any]:
     """The recipe's workspace and proposal again, everything reused from its run directory."""
-    from mergemix.pipeline import run_proposal, start
+    from mergemix.pipelines.propose import propose_on
+    from mergemix.run.workspace import open_workspace
 
-    ws = start(recipe)
-    return ws, run_proposal(ws)
+    ws = open_workspace(recipe)
+    return ws, propose_on(ws)
 
 
 def main() -> None:

@@ -24,14 +24,15 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from mergemix.artifacts import write_json
-from mergemix.evaluate import Evaluator, Objective
-from mergemix.experts import general_probs, replay_share, train_experts
+from mergemix.evaluate import Objective
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.replay import merge_weights, replay_matrix
-from mergemix.modeling import fingerprint
-from mergemix.pipeline import _setup, prepare_base_and_data
+from mergemix.model.modeling import fingerprint
+from mergemix.model.train import Sampler, TrainConfig, make_accelerator, train
 from mergemix.recipe import load_recipe
-from mergemix.train import Sampler, TrainConfig, make_accelerator, train
+from mergemix.run.experts import general_probs, replay_share, train_experts
+from mergemix.run.scoring import evaluator as workspace_evaluator
+from mergemix.run.workspace import open_workspace
 
 
 def main() -> None:
@@ -45,11 +46,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     recipe = load_recipe(args.recipe, [*args.overrides, "run_dir=runs/replay-fidelity"])
-    ws = _setup(recipe)
-    prepare_base_and_data(ws)
+    ws = open_workspace(recipe)
     model, names = ws.model, recipe.domain_names
-    assert model is not None and ws.base_path is not None
-    evaluator = Evaluator(recipe, ws.tokenizer, {n: b.blocks["heldout"] for n, b in ws.blocks.items()}, ws.cache_dir)
+    evaluator = workspace_evaluator(ws)
     base_raw = evaluator(model)
     rng = np.random.default_rng(recipe.seed + 101)
     alphas = rng.dirichlet(np.ones(len(names)), size=args.mixtures)

@@ -34,7 +34,7 @@ from mergemix.data.readers import resolve_paths
 from mergemix.evaluate import EvalContext
 from mergemix.evaluate.kinds import MultipleChoice
 from mergemix.evaluate.lmeval import write_mc_task
-from mergemix.modeling import build_demo_model, load_base, train_tokenizer
+from mergemix.model.modeling import build_demo_model, load_base, train_tokenizer
 from mergemix.recipe import BenchmarkSpec, DemoBaseSpec
 
 

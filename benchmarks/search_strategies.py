@@ -21,10 +21,11 @@ import time
 
 import numpy as np
 
-from mergemix.experts import general_probs, train_experts
-from mergemix.pipeline import evaluation_key, scoring, start
 from mergemix.recipe import load_recipe
-from mergemix.search import run_search
+from mergemix.run.experts import general_probs, train_experts
+from mergemix.run.scoring import open_scoring
+from mergemix.run.workspace import evaluation_key, open_workspace
+from mergemix.search.driver import Problem, search_stage
 
 
 def main() -> None:
@@ -42,15 +43,14 @@ def main() -> None:
     overrides = [*args.overrides, f"search.trials={args.trials}", f"search.seeds={seeds}",
                  f"search.verify={max(args.trials - (seeds - 6), 0)}"]
     recipe = load_recipe(args.recipe, overrides)
-    ws = start(recipe)
-    assert ws.model is not None
-    ws.experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
+    ws = open_workspace(recipe)
+    experts = train_experts(recipe, ws.model, ws.base_hash, ws.blocks, ws.run_dir)
     names = recipe.domain_names
-    scorer = scoring(ws)
+    scorer = open_scoring(ws, experts)
     differentiable = scorer.differentiable()  # strategy gradient
 
     prior = np.array(general_probs(ws.blocks, names))
-    eval_key = evaluation_key(recipe, ws)
+    eval_key = evaluation_key(ws, experts)
     out = ws.run_dir / "search_strategies"
     shutil.rmtree(out, ignore_errors=True)  # fresh logs and studies: every strategy pays for its merges
     out.mkdir(parents=True)
@@ -68,8 +68,9 @@ def main() -> None:
             if s == "grid":
                 rs = rs.model_copy(update={"mixture": r.mixture})
             start_s = time.perf_counter()
-            res = run_search(rs, scorer.evaluate_alpha, prior, out / f"{label[:1]}-{s}.jsonl", eval_key, bounds, s,
-                             differentiable=differentiable)
+            problem = Problem(rs.name, names, prior, bounds, rs.evaluation, rs.search, rs.seed)
+            res = search_stage(problem, scorer.evaluate_alpha, out / f"{label[:1]}-{s}.jsonl", eval_key, s,
+                               differentiable=differentiable)
             wall = time.perf_counter() - start_s
             used = len(res.trials) - (len(names) + 2)
             results[s] = (res.star.objective, used, wall, res.star.alpha)

@@ -4,7 +4,7 @@ gradient accumulation, and the same with gradient checkpointing, on one small Hu
     python benchmarks/train_memory.py                        # Llama, hidden 256, 4 layers (4.7M), CPU
     python benchmarks/train_memory.py --hidden 512 --layers 8 --seq-len 512 --batch 16 --micro 4
 
-Each setting trains in its own subprocess (`mergemix.train.train`, the loop experts use; AdamW) so that
+Each setting trains in its own subprocess (`mergemix.model.train.train`, the loop experts use; AdamW) so that
 one's peak does not hide another's. What is measured, per setting:
 
 - peak bytes per parameter: on CPU, the process's peak resident memory after training (getrusage
@@ -56,9 +56,9 @@ def _child(args: argparse.Namespace, setting: dict) -> dict:
     """Train in this process; return parameters, bytes per parameter and tokens/s."""
     import torch
 
-    from mergemix.modeling import build_demo_model, param_count
+    from mergemix.model.modeling import build_demo_model, param_count
+    from mergemix.model.train import Sampler, TrainConfig, make_accelerator, train
     from mergemix.recipe import DemoBaseSpec
-    from mergemix.train import Sampler, TrainConfig, make_accelerator, train
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,15 +7,29 @@ Public API (mirrors the CLI)::
     print(proposal.table())
     report = rank_consistency(load_recipe("recipes/demo.yaml"))  # real mixture runs vs the proxy
     print(report.summary())
+
+Names are imported on first use, so `import mergemix.recipe` (a recipe's validation) loads no torch.
 """
 
 from __future__ import annotations
 
-from mergemix.errors import MergemixError
-from mergemix.pipeline import propose
-from mergemix.proposal import Proposal
-from mergemix.recipe import Recipe, load_recipe
-from mergemix.report import Consistency, rank_consistency
+import importlib
+from typing import Any
 
-__all__ = ["Consistency", "MergemixError", "Proposal", "Recipe", "load_recipe", "propose", "rank_consistency"]
+_PUBLIC = {
+    "Consistency": "mergemix.report",
+    "MergemixError": "mergemix.errors",
+    "Proposal": "mergemix.proposal",
+    "Recipe": "mergemix.recipe",
+    "load_recipe": "mergemix.recipe",
+    "propose": "mergemix.pipelines.propose",
+    "rank_consistency": "mergemix.report",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mergemix' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--domain", action="append", metavar="NAME",
                            help="train only this domain's expert (repeatable; default: every domain)")
         if name == "search":
-            from mergemix.search.strategies import STRATEGIES
+            from mergemix.catalog import STRATEGIES
 
             s.add_argument("--strategy", choices=["auto", *STRATEGIES],
                            help="search strategy (default: search.strategy)")
@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     try:
         if args.command == "ls":
-            from mergemix.registry import catalog
+            from mergemix.catalog import catalog
 
             print(catalog())
             return 0
         if args.command == "export":
-            from mergemix.merge.export import export
+            from mergemix.pipelines.export import export
 
             done = export(args.run, args.alpha, args.out)
             print(f"wrote {done.path} (alpha {', '.join(f'{d}={a:g}' for d, a in done.alpha.items())})")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr if args.json else sys.stdout)
             return 0
         if args.command == "evaluate":
-            from mergemix.evaluate.stability import STEPS, evaluate_paths
+            from mergemix.pipelines.evaluate import STEPS, evaluate_paths
 
             report = evaluate_paths(recipe, STEPS if args.stability else (0.0, 1.0))
             print()
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nwrote {recipe.resolved_run_dir() / 'stability.json'} in {time.perf_counter() - start:.0f} s")
             return 0
         if args.command == "experts":
-            from mergemix.pipeline import is_main_process, train_experts_only
+            from mergemix.collective import is_main_process
+            from mergemix.pipelines.experts import train_experts_only
 
             experts = train_experts_only(recipe, args.domain)
             if is_main_process():
@@ -127,19 +128,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"expert {e.domain}: {e.path}")
             return 0
         if args.command == "search" and args.worker:
-            from mergemix.pipeline import search
+            from mergemix.pipelines.search import search_worker
 
-            result = search(recipe, args.strategy, worker=True)
-            assert not hasattr(result, "proposal")
+            result = search_worker(recipe, args.strategy)
             print(f"the study holds {len(result.trials)} scored mixtures (references included); the best so far "
                   f"scores {result.star.objective:.3f} at {json.dumps(result.star.alpha)}")
             return 0
         if args.command == "search":
-            from mergemix.pipeline import search
+            from mergemix.pipelines.search import search_again
 
-            proposal = search(recipe, args.strategy).proposal  # type: ignore[union-attr]
+            proposal = search_again(recipe, args.strategy).proposal
         else:
-            from mergemix.pipeline import propose
+            from mergemix.pipelines.propose import propose
 
             proposal = propose(recipe)
             if proposal is None:  # another process of a multi-process launch: the main one reports

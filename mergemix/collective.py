@@ -29,6 +29,11 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """True in a plain run and in the main process (rank 0) of a multi-process launch."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def shard_model(model: torch.nn.Module) -> None:
     """Shard `model` in place over the launch's processes with FSDP2, on its device: each decoder layer (the
     classes the model names in `_no_split_modules`, as accelerate's FSDP2 wrapping does), then the rest at the

@@ -117,7 +117,7 @@ class Proposal(_Frozen):
     seed: int
     # where the base came from: base.path as given, its format (demo, hf, gguf) and, for a GGUF file, its
     # architecture, tensor types and their summary (a dequantized Q4_1 base is not bit-equal to the published
-    # weights); see mergemix.bases.BaseSource
+    # weights); see mergemix.model.bases.BaseSource
     base: dict[str, Any] = {}
     domains: list[str]
     alpha_star: dict[str, float]

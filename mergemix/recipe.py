@@ -25,8 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from mergemix.catalog import BENCHMARK_KINDS, CHANCE_METRICS, MERGE_METHODS, STRATEGIES, SURROGATES
 from mergemix.errors import MergemixError
-from mergemix.registry import Registry
+from mergemix.feasible import Bounds
 
 # Names become directory names and dotted override keys: no dots, no slashes.
 NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
@@ -36,17 +37,10 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _registered(registry: Registry[Any], name: str) -> str:
-    """`name` if the registry knows it; else a ValueError with the known names and a suggestion."""
-    if name not in registry:
-        raise ValueError(registry.unknown_message(name))
-    return name
-
-
 class DemoBaseSpec(_Model):
     """The tiny Llama-style base that mergemix builds and pre-trains itself when no checkpoint is given.
 
-    Sizing (FIELD_NOTES): 128/2/512 is 0.8M parameters and trains at ~22k tokens/s on 2 CPU cores;
+    Sizing (docs/fidelity.md, "Sizing notes"): 128/2/512 is 0.8M parameters and trains at ~22k tokens/s on 2 CPU cores;
     for a fixed two minutes it beat a 2.75M model on held-out loss in every domain.
     """
 
@@ -72,9 +66,8 @@ class BaseSpec(_Model):
 
     path: str | None = Field(
         None,
-        description="local Hugging Face causal-LM directory, a .gguf file (converted once to a cached checkpoint; "
-        "needs mergemix[gguf]), or a packaged model's name (smollm2-135m, gemma3-270m: `mergemix ls`); leave "
-        "empty to build the demo base",
+        description="local Hugging Face causal-LM directory, a .gguf file (converted once; needs mergemix[gguf]) or a "
+        "packaged model's name (`mergemix ls`); empty: build the demo base",
     )
     trust_remote_code: bool = Field(False, description="allow custom modeling code shipped with the checkpoint")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -123,6 +116,8 @@ class SplitSpec(_Model):
 
 
 class DataSpec(_Model):
+    """The domains to mix, how their documents are split and how they are packed into blocks."""
+
     seq_len: int = Field(128, ge=8, description="tokens per packed training block")
     split: SplitSpec = Field(default_factory=SplitSpec, description="held-out / base / expert document split")
     domains: list[DomainSpec] = Field(..., min_length=2, description="the domains to mix (two or more)")
@@ -160,9 +155,8 @@ class ExpertSpec(_Model):
     )
     batch_size: int = Field(16, gt=0, description="sequences per step (global, over all processes)")
     lr: float = Field(
-        5e-4, gt=0, description="constant learning rate after warmup: your mid-training's (the report's real runs "
-        "use it too unless report.lr is set). The default is the embedded base's final rate (base.demo.lr 5e-3 "
-        "decays to 10%); re-warmed to 2e-3, the merge ranked real runs worse on both testbeds (README)",
+        5e-4, gt=0, description="constant learning rate after warmup: your mid-training's (the report's runs use it "
+        "unless report.lr is set); the default, the demo base's final rate, ranked best (docs/fidelity.md)",
     )
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
@@ -171,29 +165,20 @@ class ExpertSpec(_Model):
         0.1,
         ge=0,
         lt=1,
-        description="share of every expert batch drawn from general data (all domains in token proportion), "
-        "keeping experts nearer the base. Measured with benchmarks/rank_consistency.py (12 mixtures x 4 seeds, "
-        "README): merge rho on the demo 0.66 at 0, 0.88 at 0.1, 0.78 at 0.25, 0.83 at 0.5; on the ledger 0.90, "
-        "0.93, 0.85, 0.31 (at 0.25 its proposal, all letters, collapsed trained for real): 0.1 alone ranked both "
-        "above every predictor that trains nothing. On objectives that are the domains' "
-        "own held-out loss, replay 0.5 helped (FIELD_NOTES: rho 0.22 to 0.78). With replay r every alpha "
-        "(searched, reported, exported) is a mixture, scored by the merge at weights (alpha - r x "
-        "token-proportional) / (1 - r): to first order what a merge of such experts stands for "
-        "(mergemix.merge.replay)",
+        description="share of every expert batch drawn from general data (all domains in token proportion); "
+        "every alpha is then scored at merge weights (alpha - r x prior) / (1 - r). Evidence: docs/fidelity.md, Replay",
     )
     checkpoint_every: int = Field(50, gt=0, description="save a resumable checkpoint every this many steps")
     micro_batch_size: int | None = Field(
-        None, gt=0, description="sequences per forward/backward on each process; gradients are accumulated over "
-        "batch_size / (micro_batch_size x processes) micro-batches, the same update as one full batch. "
-        "Default: each process's whole share of the batch at once",
+        None, gt=0, description="sequences per forward/backward on each process; gradients accumulate "
+        "to the update of one full batch. Default: each process's whole share at once",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations during backward: less memory, about a third more compute"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training precision (expert and report runs; separate from base.dtype, the load "
-        "dtype): weights and AdamW state are float32 in all; bf16/fp16 compute the forward pass under autocast, "
-        "fp16 with a loss scaler (CUDA only). auto: bf16 on a CUDA GPU that supports it, else fp32",
+        "auto", description="expert and report runs: bf16/fp16 autocast the forward pass (fp16 "
+        "CUDA only, with a loss scaler), weights and AdamW state stay fp32; auto: bf16 on a CUDA GPU that has it",
     )
     lora: LoraSpec | None = Field(
         None, description="train peft LoRA adapters instead of full experts (merged without forming their task "
@@ -222,7 +207,11 @@ class ExpertSpec(_Model):
         if self.steps is not None:
             return self.steps
         assert self.tokens is not None
-        return math.ceil(self.tokens / (self.batch_size * seq_len))
+        return math.ceil(self.tokens / self.tokens_per_step(seq_len))
+
+    def tokens_per_step(self, seq_len: int) -> int:
+        """Tokens one optimizer step trains on (experts and mixture runs alike): batch_size x seq_len."""
+        return self.batch_size * seq_len
 
 
 class BenchmarkSpec(_Model):
@@ -250,11 +239,8 @@ class BenchmarkSpec(_Model):
     text_field: str = Field("text", description="perplexity: field holding the text in jsonl/json/parquet")
     metric: str | None = Field(
         None,
-        description="metric that enters the objective. perplexity: loss. multiple_choice: score (mean "
-        "log-prob per token of the correct option minus the mean of the wrong ones) | margin (minus the best "
-        "wrong one) | acc | acc_norm (per character) | blank_ppl (each option put into the blank of a cloze "
-        "text, best mean log-prob per token from the blank on). generation: exact_match | f1. Default: the "
-        "first of each list",
+        description="metric that enters the objective, one of the kind's (`mergemix ls`; "
+        "docs/guide.md, Benchmark formats); default: the kind's first",
     )
     capability: str = Field("general", description="capability group the benchmark belongs to")
     max_items: int | None = Field(None, gt=0, description="score at most this many items (blocks for perplexity)")
@@ -265,13 +251,12 @@ class BenchmarkSpec(_Model):
         "of base and experts",
     )
     allow_test_split: bool = Field(
-        False, description="allow optimizing on a file that looks like a test split (see README: split guard)"
+        False, description="allow optimizing on a file that looks like a test split (docs/guide.md, Split guard)"
     )
     question_template: str | None = Field(
         None,
-        description="text built from each item's `{question}`: for multiple_choice the context each option "
-        "follows after a space (default `{question}`); for generation the prompt of each question and shot "
-        "(default `Question: {question}\\nAnswer:`)",
+        description="text made of each item's `{question}`: for multiple_choice the "
+        "context the options follow, for generation each prompt (docs/guide.md, Benchmark formats)",
     )
     blank_template: str = Field(
         "{question} ___",
@@ -292,14 +277,10 @@ class BenchmarkSpec(_Model):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, v: str) -> str:
-        from mergemix.evaluate import BENCHMARKS
-
-        return _registered(BENCHMARKS, v)
+        return BENCHMARK_KINDS.check(v)
 
     @model_validator(mode="after")
     def _source(self) -> BenchmarkSpec:
-        from mergemix.evaluate import BENCHMARKS
-
         if (self.kind == "lm_eval") != (self.task is not None):
             raise ValueError("kind lm_eval needs task (an lm-eval task name, or a folder/YAML file of task "
                              "definitions); other kinds take no task")
@@ -309,7 +290,7 @@ class BenchmarkSpec(_Model):
             raise ValueError("set exactly one of path or domain")
         if self.domain is not None and self.kind != "perplexity":
             raise ValueError("domain is only for perplexity benchmarks; give a path")
-        metrics = BENCHMARKS.get(self.kind).metrics
+        metrics = BENCHMARK_KINDS.meta(self.kind)["metrics"]
         if self.metric is not None and self.metric not in metrics:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(metrics)} for kind {self.kind}")
         for fields, kind in ((("blank_template",), "multiple_choice"), (("trust_task_code",), "lm_eval"),
@@ -322,8 +303,6 @@ class BenchmarkSpec(_Model):
             raise ValueError("question_template must contain {question}")
         if "___" not in self.blank_template and "{blank}" not in self.blank_template:
             raise ValueError("blank_template must contain ___ or {blank} where each option goes")
-        from mergemix.evaluate.objective import CHANCE_METRICS
-
         if self.ceiling is not None and self.objective_metric in CHANCE_METRICS and not 0 < self.ceiling <= 1:
             raise ValueError(f"ceiling of {self.objective_metric} must lie in (0, 1], got {self.ceiling}")
         if any(not s for s in self.stop):
@@ -337,9 +316,7 @@ class BenchmarkSpec(_Model):
 
     @property
     def objective_metric(self) -> str:
-        from mergemix.evaluate import BENCHMARKS
-
-        return self.metric or BENCHMARKS.get(self.kind).metrics[0]
+        return self.metric or BENCHMARK_KINDS.meta(self.kind)["metrics"][0]
 
 
 def looks_like_test_split(path: str) -> str | None:
@@ -360,6 +337,8 @@ def looks_like_test_split(path: str) -> str | None:
 
 
 class EvalSpec(_Model):
+    """The benchmarks every merge is scored on, and the objective made of them."""
+
     batch_size: int = Field(32, gt=0, description="sequences per forward pass when scoring")
     benchmarks: list[BenchmarkSpec] = Field(..., min_length=1, description="benchmarks scored for every merge")
     weights: dict[str, float] = Field(
@@ -369,9 +348,8 @@ class EvalSpec(_Model):
     )
     low_signal: Literal["drop", "downweight", "keep"] = Field(
         "drop",
-        description="a benchmark whose spread over the base and the experts lies within its item noise (below "
-        "low_signal_ratio standard errors) cannot rank merges: drop it from the objective, downweight it (weight "
-        "x spread / (low_signal_ratio x stderr)), or keep it. Checked before the search; flagged in proposal.json",
+        description="a benchmark whose spread over base and experts lies within its item noise "
+        "(below low_signal_ratio standard errors) cannot rank merges: drop it, downweight it or keep it",
     )
     low_signal_ratio: float = Field(
         1.0, ge=0, description="spread / stderr below which a benchmark is low-signal (0 never flags one)"
@@ -432,9 +410,7 @@ class MergeSpec(_Model):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from mergemix.merge import MERGE_METHODS
-
-        return _registered(MERGE_METHODS, v)
+        return MERGE_METHODS.check(v)
 
 
 class SearchSpec(_Model):
@@ -449,12 +425,8 @@ class SearchSpec(_Model):
         "to it (2.0 spreads well over the simplex for K = 4)",
     )
     strategy: str = Field(
-        "auto", description="auto (gradient where it can run: one process, flat shares, every weighted benchmark "
-        "differentiable, memory for it; else surface. Its proposal trained best on both testbeds) | surface "
-        "(seeds, surrogates, dense search, verification) | tpe | cmaes | gp (optuna samplers in a shared study) | "
-        "gradient (Adam on softmax logits of alpha through the merged model's differentiable scores) | grid (a "
-        "regular grid, K <= 3: the reference optimum)"
-    )
+        "auto", description="auto (gradient where it can run, else surface) | surface | tpe | cmaes | gp | "
+        "gradient | grid; `mergemix ls` describes each, docs/guide.md, Search strategies says when")
     trials: int | None = Field(
         None, ge=1, description="mixtures a strategy may score after the references (base, vertices, uniform, token "
         "prior), seeds included; default: the seeds plus `verify` (surface's own count)"
@@ -466,10 +438,8 @@ class SearchSpec(_Model):
     )
     surrogate: str = Field("lightgbm", description="surrogate per capability group: lightgbm | quadratic")
     surrogate_prior: Literal["none", "residual", "feature"] = Field(
-        "none", description="what the surrogate starts from: none (α only) | residual (fit what the interpolation "
-        "of the experts' own scores leaves; kept only where it beats that interpolation out of sample) | feature "
-        "(the interpolation, log prior and token-KL closeness as inputs beside α)"
-    )
+        "none", description="what the surrogate starts from: none (alpha only) | residual (what "
+        "the experts' interpolation leaves) | feature (priors as inputs); docs/guide.md, Surrogate priors")
     candidates: int = Field(20000, ge=10, description="simplex points scored on the surrogate")
     verify: int = Field(5, ge=0, description="top surrogate candidates verified by real merge + evaluation")
     verify_real: int = Field(
@@ -509,16 +479,12 @@ class SearchSpec(_Model):
     @field_validator("surrogate")
     @classmethod
     def _known(cls, v: str) -> str:
-        from mergemix.search.surrogate import SURROGATES
-
-        return _registered(SURROGATES, v)
+        return SURROGATES.check(v)
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
-        from mergemix.search.strategies import STRATEGIES
-
-        return v if v == "auto" else _registered(STRATEGIES, v)
+        return v if v == "auto" else STRATEGIES.check(v)
 
 
 class ReuseSpec(_Model):
@@ -531,10 +497,8 @@ class ReuseSpec(_Model):
         "earlier proposal has (the others, e.g. a new domain, are searched)"
     )
     keep: Literal["ratios", "shares"] = Field(
-        "ratios", description="ratios: the reused domains keep their earlier ratios to each other and the search "
-        "finds their total against the other domains (adding a domain: how much of it, with the old mix as it "
-        "was); shares: each reused domain is pinned at its earlier share and the others divide the rest"
-    )
+        "ratios", description="ratios: the reused domains keep their earlier ratios and only their total "
+        "is searched; shares: each is pinned at its earlier share")
     _alpha: dict[str, float] = PrivateAttr(default_factory=dict)  # the earlier alpha*, read at validation
 
     @model_validator(mode="after")
@@ -588,10 +552,8 @@ class MixtureSpec(_Model):
         "of at most max_epochs x available / total_tokens, a bound the search keeps (checked once the data is read)"
     )
     min_share: dict[str, float] = Field(
-        default_factory=dict, description="domain -> lowest share of the mixture; the search stays above it. "
-        "propose warns when alpha* leaves a domain below 1% that no bound holds there: such runs collapsed "
-        "trained for real on the ledger testbed, where 1% of each domain kept them (README)"
-    )
+        default_factory=dict, description="domain -> lowest share; the search stays above it. A 1% floor kept "
+        "runs that dropped a domain from collapsing (docs/fidelity.md, Leaving a domain out)")
     max_share: dict[str, float] = Field(
         default_factory=dict, description="domain -> highest share of the mixture; the search stays below it"
     )
@@ -600,12 +562,8 @@ class MixtureSpec(_Model):
         "domains' shares are searched"
     )
     groups: dict[str, list[str]] = Field(
-        default_factory=dict, description="group -> its domains, searched top-down (paper 3.5): first the shares of "
-        "the groups (each group's share split over its domains in token proportion; a domain in no group is a "
-        "group of its own), then the shares within each group with the group's total fixed. Each domain is in "
-        "at most one group; every point is a merge of all the domains' experts, and the proposal gives flat "
-        "ratios over all domains plus the groups' shares"
-    )
+        default_factory=dict, description="group -> its domains, searched top-down: the groups' shares first, then "
+        "the shares within each group (docs/guide.md, Hierarchical domains)")
     reuse: ReuseSpec | None = Field(
         None, description="take shares from an earlier run's proposal.json and search only the other domains"
     )
@@ -634,11 +592,9 @@ class MixtureSpec(_Model):
                 raise ValueError(f"share of {d!r} must lie in [0, 1], got {share}")
         return v
 
-    def bounds(self, domains: list[str], available: dict[str, int] | None = None) -> Any:
-        """The feasible set (`mergemix.search.feasible.Bounds`); with `available` (tokens per domain) the
+    def bounds(self, domains: list[str], available: dict[str, int] | None = None) -> Bounds:
+        """The feasible set; with `available` (tokens per domain) the
         repetition cap is one of its bounds."""
-        from mergemix.search.feasible import Bounds
-
         cap = None
         if self.max_epochs is not None and available is not None:
             cap = {d: self.max_epochs * available[d] / self.total_tokens for d in domains}
@@ -706,7 +662,7 @@ class ReportSpec(_Model):
         if self.steps is not None:
             return self.steps
         if self.tokens is not None:
-            return math.ceil(self.tokens / (experts.batch_size * seq_len))
+            return math.ceil(self.tokens / experts.tokens_per_step(seq_len))
         return 2 * experts.num_steps(seq_len)
 
     def schedule(self, experts: ExpertSpec) -> tuple[float, int]:
@@ -730,10 +686,10 @@ class Recipe(_Model):
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice)")
     base: BaseSpec = Field(default_factory=BaseSpec, description="the shared base checkpoint")
-    data: DataSpec
-    experts: ExpertSpec
+    data: DataSpec = Field(..., description="the domains: one expert each, one share each in the proposal")
+    experts: ExpertSpec = Field(..., description="how each domain's expert is trained from the base")
     merge: MergeSpec = Field(default_factory=MergeSpec, description="how experts are merged")
-    evaluation: EvalSpec
+    evaluation: EvalSpec = Field(..., description="the benchmarks every merge is scored on, and the objective")
     search: SearchSpec = Field(default_factory=SearchSpec, description="how alpha is searched")
     mixture: MixtureSpec = Field(default_factory=MixtureSpec, description="alpha* to tokens and epochs")
     report: ReportSpec = Field(default_factory=ReportSpec, description="rank-consistency report (mergemix report)")

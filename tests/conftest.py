@@ -113,7 +113,7 @@ def micro_recipe_file(micro_data: dict[str, Any], tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm() -> tuple[Any, Any]:
     """(model, tokenizer): an untrained hidden-32, 1-layer Llama and a 300-token BPE tokenizer."""
-    from mergemix.modeling import build_demo_model, train_tokenizer
+    from mergemix.model.modeling import build_demo_model, train_tokenizer
     from mergemix.recipe import DemoBaseSpec
 
     tok = train_tokenizer(["the quick brown fox jumps over the lazy dog 0123456789 + - = "] * 50, 300)

@@ -37,7 +37,7 @@ def test_ledger_recipe_scores_a_target_that_is_no_training_domain() -> None:
 
 
 def test_smollm2_recipe_names_the_packaged_base_and_scores_no_training_domain() -> None:
-    from mergemix.packaged import PACKAGED
+    from mergemix.catalog import PACKAGED
 
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "smollm2.yaml")
     assert recipe.base.path in PACKAGED  # a name, not a machine path

@@ -33,18 +33,16 @@ import random
 import sys
 import sysconfig
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mergemix.artifacts import atomic_path
-from mergemix.registry import Registry
+from mergemix.catalog import BUILTINS
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3
 Records = list[dict[str, Any]]
-BUILTINS: Registry[Callable[[], Records]] = Registry("built-in corpus")
 
 TARGET_BUCKETS = 10  # one module in ten is held out as the stdlib_modules target
 # encodings/ is ~120 generated, near-identical codec tables: boilerplate on either side of the split
@@ -134,7 +132,6 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-@BUILTINS.register("code")
 def _code() -> Records:
     out = []
     for p in _training_files():
@@ -144,7 +141,6 @@ def _code() -> Records:
     return out
 
 
-@BUILTINS.register("prose")
 def _prose() -> Records:
     out = []
     for p in _training_files():
@@ -158,7 +154,6 @@ def _prose() -> Records:
     return out
 
 
-@BUILTINS.register("stdlib_modules")
 def _stdlib_modules() -> Records:
     return [{"text": _read(p)} for p in _stdlib_files() if _is_target(p) and _read(p).strip()]
 
@@ -186,7 +181,6 @@ def _world() -> tuple[list[str], list[str]]:
     return names[:200], names[200:]
 
 
-@BUILTINS.register("facts")
 def _facts() -> Records:
     rng = random.Random(1)
     towns, people = _world()
@@ -215,7 +209,6 @@ def _expression(rng: random.Random) -> tuple[str, int]:
     return f"{a} {op} {b}", value
 
 
-@BUILTINS.register("math")
 def _math() -> Records:
     rng = random.Random(2)
     out = []
@@ -267,7 +260,6 @@ def _problems(seed: int, n: int) -> list[tuple[str, str, int, str]]:
     return [_word_problem(rng, towns, people) for _ in range(n)]
 
 
-@BUILTINS.register("word_problems")
 def _word_problems() -> Records:
     return [
         {"text": f"{story} {question}\nAnswer: {work} = {answer}.\n"}
@@ -275,7 +267,6 @@ def _word_problems() -> Records:
     ]
 
 
-@BUILTINS.register("word_problems_mc")
 def _word_problems_mc() -> Records:
     """The worked expression ends the question and the options are numbers only, so the score measures
     the arithmetic, not the shared wording."""
@@ -288,7 +279,6 @@ def _word_problems_mc() -> Records:
     return out
 
 
-@BUILTINS.register("word_problems_gen")
 def _word_problems_gen() -> Records:
     """As word_problems_mc, with the number to be generated: the worked expression ends the question."""
     return [{"question": f"{story} {question}\nAnswer: {work} =", "answer": str(answer)}
@@ -325,7 +315,6 @@ def _table(rng: random.Random, schema: str, rows: int, towns: list[str], people:
     return [", ".join(_TABLES[schema])] + [", ".join(_row(rng, schema, towns, people)) for _ in range(rows)]
 
 
-@BUILTINS.register("calendar")
 def _calendar() -> Records:
     rng = random.Random(11)
     out = []
@@ -346,7 +335,6 @@ def _calendar() -> Records:
     return out
 
 
-@BUILTINS.register("tables")
 def _tables() -> Records:
     rng = random.Random(12)
     towns, people = _world()
@@ -370,7 +358,6 @@ def _letter(rng: random.Random, towns: list[str], people: list[str], middle: lis
     return "\n\n".join([f"Dear {reader},", body, *middle, f"Yours,\n{writer}"]) + "\n"
 
 
-@BUILTINS.register("letters")
 def _letters() -> Records:
     rng = random.Random(13)
     towns, people = _world()
@@ -384,7 +371,6 @@ def _shipment(rng: random.Random, towns: list[str], people: list[str]) -> tuple[
     return f"{rng.choice(people)} sends {item} from {src} to {dst} on {d}; the road takes {n} days.", d, n, item
 
 
-@BUILTINS.register("shipping_notes")
 def _shipping_notes() -> Records:
     rng = random.Random(14)
     towns, people = _world()
@@ -397,7 +383,6 @@ def _shipping_notes() -> Records:
     return out
 
 
-@BUILTINS.register("due_dates_mc")
 def _due_dates_mc() -> Records:
     """The sum ends the question, as in `calendar`, and the options are dates only, so the score measures
     the date arithmetic, not the shared wording."""
@@ -412,7 +397,6 @@ def _due_dates_mc() -> Records:
     return out
 
 
-@BUILTINS.register("table_rows_mc")
 def _table_rows_mc() -> Records:
     """A table, then the first field of its next row: the options are the rest of that row as written and
     with its fields in the wrong order."""

@@ -1,5 +1,5 @@
-"""Evaluation: benchmark kinds (registry), the evaluator that scores a model on all of a recipe's
-benchmarks, and the objective built from them."""
+"""Evaluation: benchmark kinds (mergemix.catalog names them), the evaluator that scores a model on all of a
+recipe's benchmarks, and the objective built from them."""
 
 from __future__ import annotations
 
@@ -8,25 +8,24 @@ from typing import Any
 
 import torch
 
+from mergemix.catalog import BENCHMARK_KINDS
 from mergemix.data.readers import resolve_paths
 from mergemix.errors import MergemixError
-from mergemix.evaluate import generation as _generation  # noqa: F401  (registers the generation kind)
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, Items
-from mergemix.evaluate.lmeval import LmEval  # noqa: F401  (registers kind lm_eval; lm-eval itself loads lazily)
+from mergemix.evaluate.kinds import Benchmark, EvalContext, Items
 from mergemix.evaluate.objective import Objective
-from mergemix.recipe import Recipe, looks_like_test_split
+from mergemix.recipe import BenchmarkSpec, looks_like_test_split
 
-__all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Evaluator", "Items", "Objective", "read_benchmarks"]
+__all__ = ["Benchmark", "EvalContext", "Evaluator", "Items", "Objective", "read_benchmarks"]
 
 
-def read_benchmarks(recipe: Recipe, cache_dir: Path) -> dict[str, Any]:
+def read_benchmarks(benchmarks: list[BenchmarkSpec], cache_dir: Path) -> dict[str, Any]:
     """Every benchmark's data, read and checked (run this before training: bad files fail fast)."""
     data = {}
-    for spec in recipe.evaluation.benchmarks:
+    for spec in benchmarks:
         try:
             if spec.path and not spec.allow_test_split:
                 _refuse_test_files(spec.path, cache_dir)
-            data[spec.name] = BENCHMARKS.get(spec.kind).read(spec, cache_dir)
+            data[spec.name] = BENCHMARK_KINDS.get(spec.kind).read(spec, cache_dir)
         except MergemixError as e:
             raise MergemixError(f"benchmark {spec.name!r}: {e}") from None
     return data
@@ -43,16 +42,15 @@ def _refuse_test_files(path: str, cache_dir: Path) -> None:
 
 
 class Evaluator:
-    """All benchmarks of a recipe, tokenized once, scoring any model on demand."""
+    """The `benchmarks`, tokenized once in `ctx`, scoring any model on demand. `data` is what
+    `read_benchmarks` read (read here when not given)."""
 
-    def __init__(self, recipe: Recipe, tokenizer: object, heldout: dict[str, torch.Tensor], cache_dir: Path,
-                 data: dict[str, Any] | None = None):
-        data = data if data is not None else read_benchmarks(recipe, cache_dir)
-        ctx = EvalContext(tokenizer, recipe.data.seq_len, heldout, cache_dir, recipe.evaluation.batch_size, recipe.seed)
+    def __init__(self, benchmarks: list[BenchmarkSpec], ctx: EvalContext, data: dict[str, Any] | None = None):
+        data = data if data is not None else read_benchmarks(benchmarks, ctx.cache_dir)
         self.benchmarks: dict[str, Benchmark] = {}
-        for spec in recipe.evaluation.benchmarks:
+        for spec in benchmarks:
             try:
-                self.benchmarks[spec.name] = BENCHMARKS.get(spec.kind)(spec, ctx, data[spec.name])
+                self.benchmarks[spec.name] = BENCHMARK_KINDS.get(spec.kind)(spec, ctx, data[spec.name])
             except MergemixError as e:
                 raise MergemixError(f"benchmark {spec.name!r}: {e}") from None
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
+from mergemix.catalog import BENCHMARK_KINDS, DIFFERENTIABLE
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import (
-    BENCHMARKS,
     Benchmark,
     MultipleChoice,
     Perplexity,
@@ -35,8 +35,7 @@ from mergemix.evaluate.kinds import (
     token_nll,
 )
 from mergemix.evaluate.objective import Objective
-from mergemix.modeling import max_positions
-from mergemix.registry import Registry
+from mergemix.model.modeling import max_positions
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +51,13 @@ class Kind:
         self.metric = metric
 
 
-DIFFERENTIABLE: Registry[Kind] = Registry("differentiable benchmark kind")
-
-
 def _perplexity(bench: Benchmark, forward: Forward, metric: str, items: list[int], max_len: int) -> torch.Tensor:
     assert isinstance(bench, Perplexity) and metric == "loss"
     blocks = bench.blocks[items]
     return token_nll(forward(blocks)[:, :-1], blocks[:, 1:]).mean()
 
 
-DIFFERENTIABLE.register("perplexity")(Kind(lambda b: len(b.blocks), _perplexity))  # type: ignore[attr-defined]
+PERPLEXITY = Kind(lambda b: len(b.blocks), _perplexity)  # type: ignore[attr-defined]
 
 
 def request_logprobs(forward: Forward, requests: Sequence[Request], max_len: int) -> tuple[torch.Tensor, list[int]]:
@@ -107,7 +103,7 @@ def _multiple_choice(bench: Benchmark, forward: Forward, metric: str, items: lis
     return torch.stack(values).mean()
 
 
-DIFFERENTIABLE.register("multiple_choice")(Kind(lambda b: len(b.items), _multiple_choice))  # type: ignore[attr-defined]
+MULTIPLE_CHOICE = Kind(lambda b: len(b.items), _multiple_choice)  # type: ignore[attr-defined]
 
 
 class GradientObjective:
@@ -165,7 +161,7 @@ class GradientObjective:
                 sorted(torch.randperm(n, generator=generator)[:batch].tolist())
             metric = bench.spec.objective_metric
             value = kind.metric(bench, forward, metric, items, self.max_len)
-            sign = 1.0 if BENCHMARKS.get(bench.spec.kind).higher_is_better[metric] else -1.0
+            sign = 1.0 if BENCHMARK_KINDS.get(bench.spec.kind).higher_is_better[metric] else -1.0
             lo, hi = objective.refs[name]
             span = hi - lo if abs(hi - lo) > 1e-9 else 1.0
             total = total + w * (sign * value - lo) / span

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from mergemix.catalog import BENCHMARK_KINDS
 from mergemix.data.readers import read_records, resolve_paths
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext, model_device
-from mergemix.modeling import max_positions
+from mergemix.evaluate.kinds import Benchmark, EvalContext, model_device
+from mergemix.model.modeling import max_positions
 from mergemix.recipe import BenchmarkSpec
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,11 @@ def greedy_generate(model: torch.nn.Module, tokenizer: object, prompts: list[lis
     return texts
 
 
-@BENCHMARKS.register("generation")
 class Generation(Benchmark):
     """Open-ended questions answered greedily after in-context examples (ICLiP): exact_match and f1 (SQuAD
     normalization; the best over the item's acceptable answers). Chance is 0."""
 
-    metrics = ("exact_match", "f1")
+    metrics = BENCHMARK_KINDS.meta("generation")["metrics"]
     higher_is_better = {"exact_match": True, "f1": True}
     chance = 0.0
 

@@ -20,12 +20,12 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mergemix.catalog import BENCHMARK_KINDS
 from mergemix.data.prepare import pack_texts
 from mergemix.data.readers import read_records, read_texts, resolve_paths
 from mergemix.errors import MergemixError
-from mergemix.modeling import max_positions
+from mergemix.model.modeling import max_positions
 from mergemix.recipe import BenchmarkSpec
-from mergemix.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,6 @@ class Benchmark:
 Items = dict[str, dict[str, torch.Tensor]]  # benchmark → metric → per-item values (Benchmark.item_values)
 
 
-BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark kind")
-
-
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
     """Mean over items and its standard error (nan for a single item)."""
     n = values.numel()
@@ -98,11 +95,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@BENCHMARKS.register("perplexity")
 class Perplexity(Benchmark):
     """Mean next-token loss (nats per token) on held-out text, packed into blocks of seq_len tokens."""
 
-    metrics = ("loss",)
+    metrics = BENCHMARK_KINDS.meta("perplexity")["metrics"]
     higher_is_better = {"loss": False}
 
     @staticmethod
@@ -328,7 +324,6 @@ def _score_whole(model: torch.nn.Module, seqs: list[tuple[int, ...]], ns: list[i
     return _gather_logprobs(model(input_ids=ids.to(model_device(model))).logits, rows, pos, target, ns)
 
 
-@BENCHMARKS.register("multiple_choice")
 class MultipleChoice(Benchmark):
     """Each option is scored by the log-likelihood of its tokens in `context + " " + option`, the context
     being the item's question through `question_template`.
@@ -336,14 +331,14 @@ class MultipleChoice(Benchmark):
     acc: the option with the highest total log-likelihood is right. acc_norm: the same, divided by the
     option's length in characters (as lm-eval). score: mean log-probability per token of the correct
     option minus the mean of that of the wrong options; margin: minus the best wrong one. Continuous, they
-    rank weak models far more stably than accuracy (FIELD_NOTES: ρ 0.64 vs ≈ 0 between two trainings of
-    the same mixtures). blank_ppl (BOSE, arXiv 2503.00812): each option is put into the blank of a cloze
+    rank weak models far more stably than accuracy (docs/fidelity.md, "Sizing notes": ρ 0.64 vs
+    −0.03 between two trainings of the same mixtures). blank_ppl (BOSE, arXiv 2503.00812): each option is put into the blank of a cloze
     text (the item's `blank`, else `blank_template`) and the completed text is scored by its mean
     log-probability per token from the blank to the end, so the words after the blank weigh in; the best
     is the model's answer. A blank at the very end scores the option alone, per token.
     """
 
-    metrics = ("score", "acc", "acc_norm", "blank_ppl", "margin")
+    metrics = BENCHMARK_KINDS.meta("multiple_choice")["metrics"]
     higher_is_better = {m: True for m in metrics}
 
     @staticmethod

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from mergemix.artifacts import Hasher
+from mergemix.catalog import BENCHMARK_KINDS
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS, Benchmark, EvalContext
+from mergemix.evaluate.kinds import Benchmark, EvalContext
 from mergemix.recipe import BenchmarkSpec
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,24 @@ def write_mc_task(folder: Path, name: str, data: Path) -> Path:
     return path
 
 
+def _check_doc(task: Any, name: str, index: int, doc: Any) -> None:
+    """A document the task cannot turn into a request (a field missing, an answer out of range), refused in
+    one line naming the task and the document."""
+    try:
+        task.doc_to_text(doc)
+        target = task.doc_to_target(doc)
+        if target is None:
+            raise ValueError("doc_to_target gave no target (a missing field?)")
+        if task.OUTPUT_TYPE == "multiple_choice":
+            choices = task.doc_to_choice(doc)
+            if isinstance(target, int) and not 0 <= target < len(choices):
+                raise ValueError(f"answer {target} is not an index of its {len(choices)} choices")
+    except Exception as e:  # noqa: BLE001  (whatever the task's templates raise)
+        shown = str(e) or type(e).__name__
+        raise MergemixError(f"lm-eval task {name!r}: document {index}: {type(e).__name__}: {shown}; fix the "
+                            "document or the task's doc_to_text / doc_to_target / doc_to_choice") from None
+
+
 def _digest(texts: list[str]) -> str:
     h = Hasher()
     for t in texts:
@@ -147,7 +166,6 @@ def _digest(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-@BENCHMARKS.register("lm_eval")
 class LmEval(Benchmark):
     """An lm-evaluation-harness task, scored as lm-eval scores it.
 
@@ -157,8 +175,7 @@ class LmEval(Benchmark):
     (default acc) is checked against the task when the recipe's benchmarks are read.
     """
 
-    metrics = ("acc", "acc_norm", "exact_match", "f1", "mcc", "bleu", "word_perplexity", "byte_perplexity",
-               "bits_per_byte")
+    metrics = BENCHMARK_KINDS.meta("lm_eval")["metrics"]
     higher_is_better = {"acc": True, "acc_norm": True, "exact_match": True, "f1": True, "mcc": True, "bleu": True,
                         "word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
     paired = False  # lm-eval reports aggregates: two models are compared by their standard errors alone
@@ -178,6 +195,8 @@ class LmEval(Benchmark):
         if yaml_path is not None:
             config_files = [p.read_text(encoding="utf-8", errors="replace")
                             for p in sorted(yaml_path.parent.iterdir()) if p.suffix in (".yaml", ".yml", ".py")]
+        for i, doc in enumerate(task.eval_docs):  # lm-eval would fail deep inside the scoring instead
+            _check_doc(task, name, i, doc)
         docs = [json.dumps(doc, sort_keys=True, default=str) for doc in task.eval_docs]
         if len(docs) < 2:
             raise MergemixError(f"lm-eval task {name!r} has {len(docs)} document; at least 2 are needed")

@@ -23,19 +23,19 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from mergemix.catalog import BENCHMARK_KINDS, CHANCE_METRICS
 from mergemix.errors import MergemixError
-from mergemix.evaluate.kinds import BENCHMARKS, Items
+from mergemix.evaluate.kinds import Items
 from mergemix.recipe import BenchmarkSpec, EvalSpec
 
 log = logging.getLogger(__name__)
 
 Raw = Mapping[str, Mapping[str, float]]  # benchmark → metric → value
-CHANCE_METRICS = {"acc", "acc_norm", "blank_ppl", "exact_match", "f1"}
 
 
 def _sign(b: BenchmarkSpec) -> float:
     """+1 where higher values of the benchmark's objective metric are better, -1 where lower are."""
-    return 1.0 if BENCHMARKS.get(b.kind).higher_is_better[b.objective_metric] else -1.0
+    return 1.0 if BENCHMARK_KINDS.get(b.kind).higher_is_better[b.objective_metric] else -1.0
 
 
 def _oriented(b: BenchmarkSpec, raw: Raw) -> float:

@@ -41,11 +41,12 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from mergemix.artifacts import stable_hash
+from mergemix.catalog import MERGE_METHODS
 from mergemix.errors import MergemixError
 from mergemix.merge.check import first_mismatch, tensor_specs
 from mergemix.merge.lazy import SafetensorsState
 from mergemix.merge.lora import Factors, LoraExpert, weighted_delta
-from mergemix.merge.methods import MERGE_METHODS, combine, finish
+from mergemix.merge.methods import combine, finish
 from mergemix.recipe import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -423,3 +424,9 @@ class InPlaceMerger:
         """Put the base weights back."""
         for g in self.groups:
             torch._foreach_copy_([self.local[n] for n in g.names], g.views(self._base(g)))
+
+    def close(self) -> None:
+        """Put the base weights back and drop the copies kept to merge (base, task vectors): the memory is
+        free for what follows, and the merger merges nothing any more."""
+        self.restore()
+        self.groups = []

@@ -1,4 +1,4 @@
-"""Merge methods as plain per-tensor functions, registered by name.
+"""Merge methods as plain per-tensor functions; mergemix.catalog names them.
 
 Every method here is Θ = Θ_base + λ · combine(α, sparsify(τ_1) … sparsify(τ_K)), with τ_k = Θ_k − Θ_base:
 
@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-from mergemix.registry import Registry
 
 SignMethod = Literal["sum", "count"]
 
@@ -113,22 +111,12 @@ class MergeMethod:
     normalize: bool
     rescale: bool
     mergekit: str
-    description: str
 
 
-MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
-_TASK_ARITHMETIC = MergeMethod(None, False, False, False, "task_arithmetic",
-                               "task arithmetic: Θ_base + λ Σ α_k τ_k")
-MERGE_METHODS.register("linear")(_TASK_ARITHMETIC)
-MERGE_METHODS.register("task_arithmetic")(_TASK_ARITHMETIC)
-MERGE_METHODS.register("ties")(MergeMethod(trim, True, True, False, "ties",
-                                           "TIES: trim each τ_k to its top `density` by magnitude, elect the "
-                                           "sign per entry, average the agreeing experts"))
-MERGE_METHODS.register("dare_linear")(MergeMethod(drop, False, False, True, "dare_linear",
-                                                  "DARE: drop each entry of τ_k with probability 1 − density "
-                                                  "(seeded), rescale, then task arithmetic"))
-MERGE_METHODS.register("dare_ties")(MergeMethod(drop, True, False, True, "dare_ties",
-                                                "DARE drop and rescale, then TIES sign election"))
+TASK_ARITHMETIC = MergeMethod(None, False, False, False, "task_arithmetic")
+TIES = MergeMethod(trim, True, True, False, "ties")
+DARE_LINEAR = MergeMethod(drop, False, False, True, "dare_linear")
+DARE_TIES = MergeMethod(drop, True, False, True, "dare_ties")
 
 
 def merge_tensor(

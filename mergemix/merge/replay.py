@@ -8,7 +8,7 @@ can train, and α* is adopted as the proposal's shares with no second step (befo
 all-letters α* at replay 0.25 was proposed as is, while its merge stood for a mixture with a quarter of
 other data). A share below r p_d gets a negative weight, a step away from that expert: the first-order
 picture of a run that holds back a domain the experts' replay kept, and no more than first order (mapped,
-the all-letters mixture still scored best and trained for real collapsed: `pipeline.left_out` warns of it).
+the all-letters mixture still scored best and trained for real collapsed: `mergemix.pipelines.propose.left_out` warns of it).
 Σ α rather than 1 keeps α = 0 the base itself.
 """
 

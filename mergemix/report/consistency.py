@@ -20,7 +20,6 @@ Yardsticks, because a ρ alone means little:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,64 +27,27 @@ import torch
 
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.evaluate import Objective
-from mergemix.experts import general_probs
 from mergemix.merge.lora import Applied, LoraExpert
-from mergemix.modeling import param_count
-from mergemix.pipeline import (
-    Proposed,
-    Scoring,
-    Workspace,
-    benchmark_key,
-    check_launch,
-    evaluation_key,
-    run_proposal,
-    start,
-)
+from mergemix.model.modeling import param_count
+from mergemix.model.train import process_state
+from mergemix.pipelines.propose import ProposalWithSearch, check_launch, expert_stage, search_and_propose
 from mergemix.progress import progress
 from mergemix.recipe import Recipe
 from mergemix.report.compute import accounting, tokens_per_evaluation
 from mergemix.report.interference import dominance_warnings, interference_gamma, task_vector_cosines
 from mergemix.report.metrics import agreement, finite, fmt, partial_spearman, spearman
-from mergemix.report.mixtures import Mixture, choose_mixtures, mixture_run, run_key
+from mergemix.report.render import Consistency, write_report
 from mergemix.report.targets import Target, targets
+from mergemix.run.experts import Expert, general_probs
+from mergemix.run.mixture_runs import Mixture, choose_mixtures, mixture_run, run_key
+from mergemix.run.scoring import ScoringSession, scoring_session
+from mergemix.run.workspace import Workspace, benchmark_key, evaluation_key, open_workspace
 from mergemix.search.surrogate import PRIOR_EPS
 from mergemix.search.trials import TrialLog, alpha_key
-from mergemix.train import process_state
 
 log = logging.getLogger(__name__)
 
 LOW_CEILING = 0.5  # below this seed-to-seed ρ a target cannot rank mixtures, whatever the proxy
-
-
-@dataclass
-class Consistency:
-    """Everything the report shows; `data` is what consistency.json holds."""
-
-    data: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """The agreement table, one line per target: merge ρ against the mean of the seeds [95% over
-        mixtures], merge ρ against one seed beside the noise ceiling, the no-merge predictors' ρ."""
-        lines = [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'1 seed':>8}{'ceiling':>9}{'interp':>8}"
-                 f"{'tok-KL':>8}{'log-prior':>10}{'partial':>9}"]
-        for name, t in self.data["targets"].items():
-            m = t["merge"]
-            ci = m["spearman_ci_mixtures"]
-            lines.append(
-                f"{name:<28}{fmt(m['spearman']):>10}{f'[{fmt(ci[0])}, {fmt(ci[1])}]':>17}"
-                f"{fmt(m['spearman_one_seed']):>8}{fmt(t['ceiling']):>9}"
-                f"{fmt(t['interpolation']['spearman']):>8}{fmt(t['token_closeness']['spearman']):>8}"
-                f"{fmt(t['log_prior']['spearman']):>10}{fmt(t['partial_merge_given_interpolation']):>9}"
-            )
-        real = self.data["trained_for_real"]
-        lines.append("")
-        lines.append("trained for real (objective, mean over seeds): " + ", ".join(
-            f"{k} {fmt(v['mean'], 3)}" for k, v in real.items()))
-        c = self.data["compute"]
-        lines.append(f"compute: mixture runs used {c['mixture_over_proposal']:.1f}x the FLOPs of the proposal "
-                     f"({c['mixture_flops']:.3g} vs {c['proposal_flops']:.3g})")
-        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
 def rank_consistency(recipe: Recipe) -> Consistency | None:
@@ -95,25 +57,21 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
     Under a multi-process launch (accelerate launch, torchrun) every process trains the experts and then each
     mixture run data-parallel (or FSDP-sharded); the main process alone searches, merges, scores and writes,
     while the others wait; they return None."""
-    from mergemix.report.render import write_report
-
     check_launch(recipe)
-    ws = start(recipe, distributed=True)
+    ws = open_workspace(recipe, distributed=True)
     names = recipe.domain_names
     prior = general_probs(ws.blocks, names)
-    proxies: list[dict[str, Any]] = []
-
-    def merged_proxies(proposed: Proposed, s: Scoring) -> None:
-        """Score the merged proxy of every mixture while the proposal's scoring can still merge (under a
-        launch, every process merging its shard)."""
-        (ws.run_dir / "report").mkdir(exist_ok=True)
-        with ws.timings.stage("proxies"):
-            proxies.extend(_proxies(ws, proposed, choose_mixtures(recipe, prior, proposed.proposal.alpha_star), s))
-
-    proposed = run_proposal(ws, then=merged_proxies)
+    experts = expert_stage(ws, train=True)
+    proposed, proxies = None, []
+    with scoring_session(ws, experts) as session:
+        if session is not None:  # the proposal, then the merged proxy of every mixture with the same session
+            proposed = search_and_propose(ws, experts, session)
+            (ws.run_dir / "report").mkdir(exist_ok=True)
+            with ws.timings.stage("proxies"):
+                mixtures = choose_mixtures(recipe, prior, proposed.proposal.alpha_star)
+                proxies = _proxies(ws, experts, proposed, mixtures, session)
     process_state(recipe.device).wait_for_everyone()  # the main process has searched and written proposal.json
     star = proposed.proposal.alpha_star if proposed else read_json(ws.run_dir / "proposal.json")["alpha_star"]
-    assert ws.model is not None
     mixtures = choose_mixtures(recipe, prior, star)
     with ws.timings.stage("mixture runs"):
         runs = _truth(ws, proposed, mixtures)
@@ -121,10 +79,9 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
         return None
     report_dir = ws.run_dir / "report"
     with ws.timings.stage("interference"):
-        interference = _interference(ws)
+        interference = _interference(ws, experts)
     objective = proposed.search.objective
-    vertices = [t for t in proposed.search.trials if t.kind == "vertex"]
-    expert_raw = {d: t.raw for d, t in zip(names, vertices, strict=True)}
+    expert_raw = {d: t.raw for d, t in zip(names, proposed.search.vertices, strict=True)}
     data: dict[str, Any] = {
         "domains": names,
         "settings": {
@@ -146,7 +103,7 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
     data["interference"] = interference
     if interference.get("gamma"):
         warnings += dominance_warnings(np.array(interference["gamma"]), names, np.array(interference["cosine"]))
-    data["compute"] = _compute(ws, proposed, runs)
+    data["compute"] = _compute(ws, experts, proposed, runs)
     data["warnings"] = warnings
     result = Consistency(data, warnings)
     with ws.timings.stage("render"):
@@ -170,7 +127,7 @@ def _bound_warnings(recipe: Recipe, available: dict[str, int], rows: list[dict[s
             out.append(f"{row['label']} lies outside the mixture bounds ({'; '.join(f'{d} {w}' for d, w in broken.items())})"
                        ": the search could not propose it, so its real result is no fair bar for the proposal")
     capped = sorted(d for d, why in active.items() if why == "max_epochs")
-    tokens = recipe.report.num_steps(recipe.experts, recipe.data.seq_len) * recipe.experts.batch_size * recipe.data.seq_len
+    tokens = recipe.report.num_steps(recipe.experts, recipe.data.seq_len) * recipe.experts.tokens_per_step(recipe.data.seq_len)
     if capped and recipe.mixture.total_tokens and tokens < recipe.mixture.total_tokens:
         out.append(f"the proposal sits on max_epochs at {', '.join(capped)}, a cap set for mixture.total_tokens = "
                    f"{recipe.mixture.total_tokens:,}; each mixture run trains {tokens:,} tokens, where no mixture is held "
@@ -178,11 +135,12 @@ def _bound_warnings(recipe: Recipe, available: dict[str, int], rows: list[dict[s
     return out
 
 
-def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture], s: Scoring) -> list[dict[str, Any]]:
+def _proxies(ws: Workspace, experts: list[Expert], proposed: ProposalWithSearch, mixtures: list[Mixture],
+             s: ScoringSession) -> list[dict[str, Any]]:
     """Raw scores of the merged proxy at every mixture: from the search where it scored the same α (the
     proposal, uniform, token-proportional), else merged by `s` and scored here and logged in
     report/proxies.jsonl."""
-    trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws.recipe, ws))
+    trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws, experts))
     searched = {alpha_key(t.alpha): {"raw": t.raw} for t in proposed.search.trials}
     out = []
     try:
@@ -197,13 +155,12 @@ def _proxies(ws: Workspace, proposed: Proposed, mixtures: list[Mixture], s: Scor
     return out
 
 
-def _truth(ws: Workspace, proposed: Proposed | None, mixtures: list[Mixture]) -> list[list[dict[str, Any]]]:
+def _truth(ws: Workspace, proposed: ProposalWithSearch | None, mixtures: list[Mixture]) -> list[list[dict[str, Any]]]:
     """Records of the real mixture runs, [mixture][seed]; seed by seed, so a report stopped half-way
     already holds one training of every mixture. `proposed` is None on the processes other than the main one
     of a multi-process launch: they train and get no records."""
     r = ws.recipe
-    assert ws.model is not None
-    bench_key = benchmark_key(r, ws)
+    bench_key = benchmark_key(ws)
     jobs = [(i, s) for s in range(r.report.seeds) for i in range(len(mixtures))]
     keys = {(i, s): run_key(r, ws.base_hash, ws.blocks, mixtures[i].alpha, s, bench_key) for i, s in jobs}
     out_dir = ws.run_dir / "report" / "runs"
@@ -217,17 +174,16 @@ def _truth(ws: Workspace, proposed: Proposed | None, mixtures: list[Mixture]) ->
     return runs
 
 
-def _interference(ws: Workspace) -> dict[str, Any]:
+def _interference(ws: Workspace, experts: list[Expert]) -> dict[str, Any]:
     """Task-vector cosines and the curvature interference γ at the base, cached in report/interference.json."""
     r = ws.recipe
-    assert ws.model is not None
     n_rows = r.report.interference_batches * r.experts.batch_size
-    key = stable_hash([[e.key for e in ws.experts], n_rows, r.seed])
+    key = stable_hash([[e.key for e in experts], n_rows, r.seed])
     path = ws.run_dir / "report" / "interference.json"
     if path.exists() and read_json(path).get("key") == key:
         return read_json(path)
     base = {n: p.detach() for n, p in ws.model.named_parameters()}  # the base again (after the mixture runs)
-    states = [e.state() for e in ws.experts]
+    states = [e.state() for e in experts]
     cosines = task_vector_cosines(base, [Applied(s, base) if isinstance(s, LoraExpert) else s for s in states])
     out: dict[str, Any] = {"key": key, "cosine": np.round(cosines, 4).tolist()}
     if n_rows:
@@ -333,13 +289,13 @@ def _agreements(recipe: Recipe, objective: Objective, mixtures: list[Mixture], p
     return rows, per_target
 
 
-def _compute(ws: Workspace, proposed: Proposed, runs: list[list[dict[str, Any]]]) -> dict[str, float]:
+def _compute(ws: Workspace, experts: list[Expert], proposed: ProposalWithSearch,
+             runs: list[list[dict[str, Any]]]) -> dict[str, float]:
     """Tokens and FLOPs of the proposal (experts + its merge evaluations) against the mixture runs (training
     + one evaluation each). The report's own proxy evaluations and interference passes are in neither."""
-    assert ws.model is not None
     return accounting(
         n_params=param_count(ws.model),
-        expert_tokens=sum(int(e.manifest["tokens"]) for e in ws.experts),
+        expert_tokens=sum(int(e.manifest["tokens"]) for e in experts),
         proposal_evaluations=proposed.proposal.n_trials,
         mixture_tokens=sum(int(run["tokens"]) for mix_runs in runs for run in mix_runs),
         mixture_evaluations=sum(len(mix_runs) for mix_runs in runs),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -16,8 +17,37 @@ from scipy.stats import rankdata
 from mergemix.artifacts import atomic_path, write_json, write_text
 from mergemix.report.metrics import fmt
 
-if TYPE_CHECKING:
-    from mergemix.report.consistency import Consistency
+
+@dataclass
+class Consistency:
+    """Everything the report shows; `data` is what consistency.json holds."""
+
+    data: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The agreement table, one line per target: merge ρ against the mean of the seeds [95% over
+        mixtures], merge ρ against one seed beside the noise ceiling, the no-merge predictors' ρ."""
+        lines = [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'1 seed':>8}{'ceiling':>9}{'interp':>8}"
+                 f"{'tok-KL':>8}{'log-prior':>10}{'partial':>9}"]
+        for name, t in self.data["targets"].items():
+            m = t["merge"]
+            ci = m["spearman_ci_mixtures"]
+            lines.append(
+                f"{name:<28}{fmt(m['spearman']):>10}{f'[{fmt(ci[0])}, {fmt(ci[1])}]':>17}"
+                f"{fmt(m['spearman_one_seed']):>8}{fmt(t['ceiling']):>9}"
+                f"{fmt(t['interpolation']['spearman']):>8}{fmt(t['token_closeness']['spearman']):>8}"
+                f"{fmt(t['log_prior']['spearman']):>10}{fmt(t['partial_merge_given_interpolation']):>9}"
+            )
+        real = self.data["trained_for_real"]
+        lines.append("")
+        lines.append("trained for real (objective, mean over seeds): " + ", ".join(
+            f"{k} {fmt(v['mean'], 3)}" for k, v in real.items()))
+        c = self.data["compute"]
+        lines.append(f"compute: mixture runs used {c['mixture_over_proposal']:.1f}x the FLOPs of the proposal "
+                     f"({c['mixture_flops']:.3g} vs {c['proposal_flops']:.3g})")
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
 
 PREDICTORS = {
     "merge": "merged proxy",

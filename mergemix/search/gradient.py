@@ -25,7 +25,7 @@ Memory, on top of the merger's K task vectors (4 K bytes per parameter in fp32):
 their gradients (8 bytes per parameter, plus a cast copy for a model below fp32), one group's K-row product in
 merged_state's weighted sum (merge.memory_mb bounds the groups), and the activations of one step kept for
 backward: gradient_batch × seq_len tokens per benchmark (for Llama-3.2-1B ~4 MiB per token in fp32, see
-FIELD_NOTES). When that does not fit, lower search.gradient_batch.
+docs/fidelity.md, "Sizing notes"). When that does not fit, lower search.gradient_batch.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from mergemix.errors import MergemixError
+from mergemix.feasible import Bounds
 from mergemix.progress import progress
-from mergemix.search.feasible import Bounds
-from mergemix.search.strategies import STRATEGIES, Ask, Context, _Queue, as_alpha
+from mergemix.search.strategies import Ask, Context, _Queue
+from mergemix.search.trials import as_alpha
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ def project(x: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     return torch.where(free, x - tau, point)
 
 
-@STRATEGIES.register("gradient")
 class Gradient(_Queue):
     """Adam on softmax logits of α through the merged model's differentiable scores; the path verified."""
 
@@ -79,11 +79,11 @@ class Gradient(_Queue):
         return super().ask()
 
     def _start(self) -> np.ndarray:
-        ctx, how = self.ctx, self.ctx.recipe.search.gradient_start
+        ctx, how = self.ctx, self.ctx.search.gradient_start
         if how == "best":
             feasible = [t for t in ctx.references if ctx.bounds.contains(t.vector(ctx.domains))]
             if feasible:
-                best = max(feasible, key=lambda t: t.objective - float(ctx.score(t.vector(ctx.domains))[0]))
+                best = max(feasible, key=ctx.value)
                 return best.vector(ctx.domains)
             how = "prior"
         point = ctx.prior if how == "prior" else np.full(len(ctx.domains), 1.0 / len(ctx.domains))
@@ -91,7 +91,7 @@ class Gradient(_Queue):
 
     def _descend(self) -> list[np.ndarray]:
         """Run the descent; return its start point and the points to verify along it."""
-        ctx, spec = self.ctx, self.ctx.recipe.search
+        ctx, spec = self.ctx, self.ctx.search
         assert ctx.differentiable is not None
         estimate = ctx.differentiable
         estimate.prepare(ctx.objective)
@@ -100,7 +100,7 @@ class Gradient(_Queue):
         z = torch.tensor(np.log(np.maximum(start, 1e-3 * start.max())), dtype=torch.float32, requires_grad=True)
         prior = torch.tensor(ctx.prior, dtype=torch.float32)
         opt = torch.optim.Adam([z], lr=spec.gradient_lr)
-        generator = torch.Generator().manual_seed(ctx.recipe.seed)
+        generator = torch.Generator().manual_seed(ctx.seed)
         steps = spec.gradient_steps
         marks = {int(round(steps * (j + 1) / spec.gradient_verify)) for j in range(spec.gradient_verify)}
         path = [start]
@@ -131,7 +131,7 @@ class Gradient(_Queue):
     def _step(self, z: torch.Tensor, opt: torch.optim.Optimizer, prior: torch.Tensor,
               generator: torch.Generator) -> float:
         """One Adam step on the logits `z`; returns the estimate (less the KL penalty) before it."""
-        spec = self.ctx.recipe.search
+        spec = self.ctx.search
         assert self.ctx.differentiable is not None
         alpha = project(torch.softmax(z, dim=0), self.ctx.bounds)
         value = self.ctx.differentiable(alpha, spec.gradient_batch, generator)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mergemix.search.feasible import Bounds
+from mergemix.feasible import Bounds
 
 
 class SimplexMap:

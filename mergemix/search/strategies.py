@@ -23,18 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mergemix.registry import Registry
-from mergemix.search.feasible import Bounds
+from mergemix.catalog import STRATEGIES
+from mergemix.feasible import Bounds
+from mergemix.recipe import EvalSpec, SearchSpec
 from mergemix.search.seeds import simplex_candidates
 from mergemix.search.space import SimplexMap
 from mergemix.search.surrogate import PriorBasis, fit_with_prior, prior_basis
-from mergemix.search.trials import alpha_key
+from mergemix.search.trials import Trial, alpha_key, as_alpha, vertices
 
 if TYPE_CHECKING:
     from mergemix.evaluate import Objective
     from mergemix.evaluate.differentiable import GradientObjective
-    from mergemix.recipe import Recipe
-    from mergemix.search import Trial
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,27 @@ Ask = tuple[str, str, dict[str, float]]  # trial id, kind, α (domain → weight
 
 @dataclass
 class Context:
-    """What every strategy is given: the recipe, the feasible set, the references already scored, the
-    feasible seed points (kind, α) and the score α* maximizes."""
+    """What every strategy is given: its settings, the objective's benchmarks, the seed, the feasible set,
+    the references already scored, the feasible seed points (kind, α) and the penalty α* is scored with."""
 
-    recipe: Recipe
+    search: SearchSpec
+    evaluation: EvalSpec
+    seed: int
     bounds: Bounds
     prior: np.ndarray
     objective: Objective
     references: list[Trial]  # vertices, uniform, token prior (not the base)
     seeds: list[tuple[str, np.ndarray]]  # feasible seed points after the references
-    score: Callable[[np.ndarray], np.ndarray]  # penalty of α rows: kl_weight × KL(α ‖ prior)
+    penalty: Callable[[np.ndarray], np.ndarray]  # of α rows: kl_weight × KL(α ‖ prior) (KlPull.penalty)
     budget: int  # trials asked at most, seeds included (references not counted)
     storage: str = ""  # RDB URL of the shared study
     study_name: str = ""
     domains: list[str] = field(default_factory=list)
     differentiable: GradientObjective | None = None  # the objective, differentiable in α (strategy gradient)
+
+    def value(self, t: Trial) -> float:
+        """What α* maximizes, for a trial in this context's coordinates: its objective less the penalty."""
+        return t.objective - float(self.penalty(t.vector(self.domains))[0])
 
 
 class Strategy:
@@ -80,7 +85,6 @@ class Strategy:
         return None
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("search strategy")
 
 
 class _Queue(Strategy):
@@ -94,19 +98,11 @@ class _Queue(Strategy):
         return self.queue.pop(0) if self.queue else None
 
 
-def as_alpha(domains: list[str], vec: np.ndarray) -> dict[str, float]:
-    """A point as domain → weight: clipped at 0, summing to 1, rounded to 6 decimals (a trial's identity)."""
-    vec = np.clip(vec, 0.0, None)
-    vec = vec / vec.sum() if vec.sum() > 0 else vec
-    return {d: round(float(a), 6) for d, a in zip(domains, vec, strict=True)}
-
-
 def _seed_asks(ctx: Context) -> list[Ask]:
     k = len(ctx.domains)
     return [(f"seed-{i:03d}", kind, as_alpha(ctx.domains, vec)) for i, (kind, vec) in enumerate(ctx.seeds, start=k + 2)]
 
 
-@STRATEGIES.register("surface")
 class Surface(_Queue):
     """Seeds → one surrogate per capability → dense feasible candidates → verify the best few."""
 
@@ -126,20 +122,20 @@ class Surface(_Queue):
         return super().ask()
 
     def _verify_points(self) -> list[Ask]:
-        ctx, spec = self.ctx, self.ctx.recipe.search
+        ctx, spec = self.ctx, self.ctx.search
         groups = list(self.trials[0].capabilities)
         x = np.stack([t.vector(ctx.domains) for t in self.trials])
         for g in groups:
             y = np.array([t.capabilities[g] for t in self.trials])
             # the recipe guarantees >= K + 2 >= 4 points
             self.predictors[g], self.loo[g] = fit_with_prior(spec.surrogate, spec.surrogate_prior, x, y,
-                                                             ctx.recipe.seed, self._basis(g))
+                                                             ctx.seed, self._basis(g))
         log.info("surrogate (%s, prior %s) leave-one-out RMSE: %s", spec.surrogate, spec.surrogate_prior,
                  ", ".join(f"{g} {v:.3f}" for g, v in self.loo.items()))
-        cand = simplex_candidates(ctx.prior, spec.candidates, spec.concentration, ctx.recipe.seed)
+        cand = simplex_candidates(ctx.prior, spec.candidates, spec.concentration, ctx.seed)
         if not ctx.bounds.unconstrained:
             cand = ctx.bounds.project(cand)
-        pred = self._predict(cand) - ctx.score(cand)
+        pred = self._predict(cand) - ctx.penalty(cand)
         # The best predicted points, at least 0.05 apart (L1) from each other and from every seed.
         chosen: list[np.ndarray] = []
         for idx in np.argsort(-pred, kind="stable"):
@@ -154,11 +150,11 @@ class Surface(_Queue):
         """The no-merge predictors of `group` for search.surrogate_prior; None when it is `none`, or in a stage
         of a hierarchical search (its units are groups of domains, which have no expert of their own)."""
         ctx = self.ctx
-        vertices = {max(t.alpha, key=t.alpha.__getitem__): t for t in ctx.references if t.kind == "vertex"}
-        if ctx.recipe.search.surrogate_prior == "none" or not set(ctx.domains) <= set(vertices):
+        experts = {max(t.alpha, key=t.alpha.__getitem__): t for t in vertices(ctx.references)}
+        if ctx.search.surrogate_prior == "none" or not set(ctx.domains) <= set(experts):
             return None
-        return prior_basis(group, np.array([vertices[d].capabilities[group] for d in ctx.domains]), ctx.prior,
-                           [(b.capability, b.domain) for b in ctx.recipe.evaluation.benchmarks], ctx.domains)
+        return prior_basis(group, np.array([experts[d].capabilities[group] for d in ctx.domains]), ctx.prior,
+                           [(b.capability, b.domain) for b in ctx.evaluation.benchmarks], ctx.domains)
 
     def _predict(self, points: np.ndarray) -> np.ndarray:
         groups = list(self.predictors)
@@ -169,7 +165,6 @@ class Surface(_Queue):
         return float(self._predict(alpha[None])[0]) if self.predictors else None
 
 
-@STRATEGIES.register("grid")
 class Grid(_Queue):
     """The regular grid {i/n} over the unpinned domains with the most points within the budget, projected
     into the feasible set (duplicates dropped). At most 3 unpinned domains: the grid grows as n^(m-1)."""
@@ -213,7 +208,7 @@ class _Optuna(Strategy):
         self.space = SimplexMap(ctx.bounds)
         fixed = [(dict(zip(self.space.names, self.space.to_cube(np.array(list(a.values()))), strict=True)),
                   {"alpha": a, "kind": kind, "tid": tid}) for tid, kind, a in _seed_asks(ctx)]
-        self.shared_study = Shared(ctx.storage, ctx.study_name, self.sampler, ctx.recipe.seed, fixed)
+        self.shared_study = Shared(ctx.storage, ctx.study_name, self.sampler, ctx.seed, fixed)
         self.pending: dict[Any, Any] = {}  # alpha_key → the optuna trial in flight
 
     def _sample(self, trial: Any) -> dict[str, Any]:
@@ -237,7 +232,7 @@ class _Optuna(Strategy):
         return rec["tid"], rec["kind"], alpha
 
     def tell(self, trial: Trial) -> None:
-        value = trial.objective - float(self.ctx.score(trial.vector(self.ctx.domains))[0])
+        value = self.ctx.value(trial)
         self.shared_study.finish(self.pending.pop(alpha_key(trial.alpha)), trial.raw, value)
 
     def history(self) -> list[dict[str, Any]]:
@@ -245,7 +240,6 @@ class _Optuna(Strategy):
         return self.shared_study.complete()
 
 
-@STRATEGIES.register("tpe")
 class TPE(_Optuna):
     def sampler(self, seed: int) -> Any:
         import optuna
@@ -254,7 +248,6 @@ class TPE(_Optuna):
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0, multivariate=True, constant_liar=True)
 
 
-@STRATEGIES.register("cmaes")
 class CMAES(_Optuna):
     def sampler(self, seed: int) -> Any:
         import optuna
@@ -262,12 +255,9 @@ class CMAES(_Optuna):
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=0)
 
 
-@STRATEGIES.register("gp")
 class GP(_Optuna):
     def sampler(self, seed: int) -> Any:
         import optuna
 
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=0)
 
-
-from mergemix.search import gradient as _gradient  # noqa: E402, F401  (registers strategy gradient)

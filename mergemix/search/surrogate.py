@@ -19,16 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mergemix.registry import Registry
+from mergemix.catalog import SURROGATES
 
 log = logging.getLogger(__name__)
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 Fitter = Callable[[np.ndarray, np.ndarray, int], Predictor]
-SURROGATES: Registry[Fitter] = Registry("surrogate")
 
 
-@SURROGATES.register("lightgbm")
 def fit_lightgbm(x: np.ndarray, y: np.ndarray, seed: int) -> Predictor:
     import lightgbm as lgb
 
@@ -57,7 +55,6 @@ def _scheffe(x: np.ndarray) -> np.ndarray:
     return np.column_stack([x, *pairs]) if pairs else x
 
 
-@SURROGATES.register("quadratic")
 def fit_quadratic(x: np.ndarray, y: np.ndarray, seed: int) -> Predictor:
     f = _scheffe(x)
     ridge = 1e-3 * np.eye(f.shape[1])

@@ -1,12 +1,96 @@
-"""The trial log: one JSON line per evaluated α, appended as each finishes, so a rerun resumes."""
+"""Trials: one evaluated mixture each, the result of a search, what α* maximizes, and the trial log (one JSON
+line per evaluated α, appended as each finishes, so a rerun resumes)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from mergemix.artifacts import append_jsonl, read_jsonl
+
+if TYPE_CHECKING:
+    from mergemix.evaluate.objective import Objective
+
+Raw = dict[str, dict[str, float]]  # benchmark → metric → value
+
+
+@dataclass
+class Trial:
+    """One evaluated mixture: α, raw benchmark scores, normalized scores, capabilities, objective."""
+
+    id: str
+    kind: str  # base, vertex, uniform, token_prior, seed kinds, a strategy's kinds
+    alpha: dict[str, float]
+    raw: Raw
+    normalized: dict[str, float] = field(default_factory=dict)
+    capabilities: dict[str, float] = field(default_factory=dict)
+    objective: float = float("nan")
+    predicted: float | None = None  # the surrogates' objective, for verified candidates
+    point: dict[str, float] | None = None  # the shares of groups a hierarchical stage chose α by (α is its lift)
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def vector(self, domains: list[str]) -> np.ndarray:
+        return np.array([self.alpha[d] for d in domains])
+
+
+@dataclass
+class SearchResult:
+    base: Trial
+    trials: list[Trial]  # every evaluated mixture on the simplex, in evaluation order
+    objective: Objective
+    star: Trial
+    surrogate_loo_rmse: dict[str, float]
+    predicted_star: float | None
+    ranked: list[Trial] = field(default_factory=list)  # feasible trials, best first by what α* maximizes
+
+    def by_kind(self, kind: str) -> Trial:
+        return next(t for t in self.trials if t.kind == kind)
+
+    @property
+    def vertices(self) -> list[Trial]:
+        return vertices(self.trials)
+
+
+def vertices(trials: Sequence[Trial]) -> list[Trial]:
+    """The merges at each domain's vertex, in domain order: what stands for each expert alone."""
+    return [t for t in trials if t.kind == "vertex"]
+
+
+def as_alpha(domains: Sequence[str], vec: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """A point as domain → weight: clipped at 0, summing to 1, rounded to 6 decimals (a trial's identity)."""
+    vec = np.clip(np.asarray(vec, dtype=float), 0.0, None)
+    vec = vec / vec.sum() if vec.sum() > 0 else vec
+    return {d: round(float(a), 6) for d, a in zip(domains, vec, strict=True)}
+
+
+def kl_divergence(alpha: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """KL(α ‖ prior) in nats per row of `alpha` (0 · log 0 = 0)."""
+    alpha = np.atleast_2d(alpha)
+    safe = np.where(alpha > 0, alpha, 1.0)
+    return np.sum(np.where(alpha > 0, alpha * np.log(safe / prior), 0.0), axis=1)
+
+
+@dataclass(frozen=True)
+class KlPull:
+    """What α* maximizes: the objective less `weight` × KL(α ‖ `prior`) in nats (search.kl_weight), a pull
+    toward the token-proportional mix where the objective barely tells mixtures apart."""
+
+    weight: float
+    prior: np.ndarray
+
+    def penalty(self, points: np.ndarray) -> np.ndarray:
+        """The penalty of each row of `points` (0 without a weight)."""
+        points = np.atleast_2d(points)
+        return self.weight * kl_divergence(points, self.prior) if self.weight else np.zeros(len(points))
+
+    def score(self, t: Trial, domains: list[str]) -> float:
+        return t.objective - float(self.penalty(t.vector(domains))[0])
 
 
 def alpha_key(alpha: Mapping[str, float]) -> tuple[tuple[str, float], ...]:

@@ -1,0 +1,163 @@
+"""A run's workspace: its directories, its base model and tokenizer, its packed domains and benchmark data.
+
+`open_workspace` builds it whole, reusing what the cache holds (a converted GGUF base, the demo base, the
+packed blocks): data → base → packed blocks. Every pipeline (propose, search, experts, evaluate, report)
+starts from one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergemix.artifacts import ensure_dir, stable_hash, write_text
+from mergemix.collective import is_main_process, processes
+from mergemix.data.prepare import DomainBlocks, load_domain, pack_domain
+from mergemix.errors import MergemixError
+from mergemix.evaluate import read_benchmarks
+from mergemix.model.bases import BaseSource, resolve_base
+from mergemix.model.modeling import (
+    build_demo_base,
+    check_checkpoint_dir,
+    fingerprint,
+    load_base,
+    max_positions,
+)
+from mergemix.model.train import process_state
+from mergemix.progress import progress
+from mergemix.recipe import Recipe, dump_recipe
+from mergemix.run.experts import Expert, precision_key, replay_share
+from mergemix.search.mixture import available_tokens, check_cap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage, written to timings.json (kept out of proposal.json, which must be
+    identical for identical inputs)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.stages[name] = round(time.perf_counter() - start, 2)
+        log.info("stage %s done in %.1f s", name, self.stages[name])
+
+
+@dataclass
+class Workspace:
+    """What every pipeline of a run starts from, complete when `open_workspace` returns it. The model is the
+    base (on the run's device); a merger changes it in place and restores it, and `reload_model` replaces it
+    after a launch's search sharded it."""
+
+    recipe: Recipe
+    run_dir: Path
+    cache_dir: Path
+    timings: Timings
+    base_path: Path  # the base's checkpoint directory (a GGUF file's conversion, the demo base's build)
+    base_source: BaseSource  # what base.path named
+    base_hash: str  # what the base's weights are: the experts' and mixture runs' keys start from it
+    model: torch.nn.Module
+    tokenizer: Any
+    blocks: dict[str, DomainBlocks]
+    available: dict[str, int]  # tokens the team has per domain (mixture bounds)
+    benchmark_data: dict[str, Any]  # what read_benchmarks read
+
+    def reload_model(self) -> None:
+        """Read the whole base again (after a launch's search left the model sharded)."""
+        del self.model
+        self.model, _ = _load_base(self.base_path, self.recipe)
+
+
+@contextmanager
+def main_process_first(device: str) -> Iterator[None]:
+    """Run the body on the main process first, then on the others (which then find its caches written)."""
+    if processes() == 1:
+        yield
+        return
+    with process_state(device).main_process_first():
+        yield
+
+
+def _load_base(base_path: Path, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+    """The base model, on the run's device, and its tokenizer."""
+    model, tokenizer = load_base(base_path, recipe.base)
+    if recipe.device == "auto" and torch.cuda.is_available():
+        model.to("cuda")
+    return model, tokenizer
+
+
+def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
+    """Set up the run directory, then read and split the domains, get the base (a local or packaged
+    checkpoint, or the demo base, built once) and pack every domain. Commands that cannot run under a
+    multi-process launch yet leave `distributed` False and are refused in one line."""
+    n = processes()
+    if n > 1 and not distributed:
+        raise MergemixError(f"this command runs as one process, got {n} (accelerate launch, torchrun); "
+                            "only propose, experts and report run multi-process: start it with python -m mergemix")
+    precision_key(recipe)  # a precision this device cannot train in fails here, before any training
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    run_dir = ensure_dir(recipe.resolved_run_dir(), "run_dir")
+    cache_dir = ensure_dir(recipe.resolved_cache_dir(), "cache_dir")
+    if is_main_process():
+        write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+    timings, r = Timings(), recipe
+    base_path, source = None, BaseSource(path=None, format="demo")
+    if r.base.path:  # before minutes of reading data; a GGUF file is converted once, by the main process
+        with main_process_first(r.device):
+            base_path, source = resolve_base(r.base.path, cache_dir)
+        check_checkpoint_dir(base_path)
+    with timings.stage("data"), main_process_first(r.device):
+        benchmark_data = read_benchmarks(r.evaluation.benchmarks, cache_dir)  # small files: fail fast
+        docs = {d.name: load_domain(d, r.data.split, r.seed, cache_dir)
+                for d in progress(r.data.domains, desc="read domains", leave=False)}
+    with timings.stage("base"):
+        if base_path is None:
+            pools = {n: d.pools["base"] for n, d in docs.items()}
+            base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, cache_dir, r.device)
+        model, tokenizer = _load_base(base_path, r)
+        limit = max_positions(model)
+        if limit is not None and r.data.seq_len > limit:
+            raise MergemixError(f"data.seq_len: {r.data.seq_len} is longer than the base's context of {limit} "
+                                "tokens; lower data.seq_len")
+        base_hash = stable_hash([fingerprint(base_path), r.base.dtype])
+    with timings.stage("pack"), main_process_first(r.device):
+        blocks = {n: pack_domain(d, tokenizer, r.data.seq_len, cache_dir) for n, d in docs.items()}
+    available = available_tokens(r.data.domains, {n: b.n_tokens for n, b in blocks.items()})
+    # The first moment every domain's token count is known: refuse an impossible cap before any expert.
+    check_cap(r.mixture, available)
+    return Workspace(recipe, run_dir, cache_dir, timings, base_path, source, base_hash, model, tokenizer, blocks,
+                     available, benchmark_data)
+
+
+def benchmark_key(ws: Workspace) -> str:
+    """What a model's raw scores depend on besides the model: each benchmark's data and scoring fields.
+    Objective weights, capability groups, metric choice and ceiling are left out: they are recomputed from
+    the raw scores, so re-weighting an objective re-uses every evaluation already made."""
+    benches = [
+        [b.model_dump(mode="json", exclude={"metric", "capability", "ceiling", "allow_test_split"}),
+         stable_hash(ws.benchmark_data[b.name])]
+        for b in ws.recipe.evaluation.benchmarks
+    ]
+    return stable_hash([ws.recipe.data.seq_len, benches])
+
+
+def evaluation_key(ws: Workspace, experts: Sequence[Expert]) -> str:
+    """What raw trial scores depend on: the experts, the merge method, the benchmarks and, with replay, that
+    an α is a mixture (its merge weights mapped by the replay matrix; before, α was the merge weights)."""
+    share = replay_share(ws.recipe.experts)
+    return stable_hash([[e.key for e in experts], ws.recipe.merge.key(), benchmark_key(ws),
+                        *([["replay weights", share]] if share > 0 else [])])

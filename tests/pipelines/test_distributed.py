@@ -1,0 +1,187 @@
+"""Real multi-process launches on CPU (accelerate launch, gloo): data-parallel and FSDP2-sharded experts,
+the collective sharded search, and the report's mixture runs trained data-parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import micro_recipe_dict
+
+pytestmark = pytest.mark.slow
+
+PORT = "29533"
+EXPERTS = ["-m", "mergemix", "experts"]
+# accelerate's --cpu launches one process unless mpirun is set up; --multi_gpu (and --use_fsdp) start
+# torch.distributed.run, which on a machine without CUDA (or with device: cpu in the recipe) trains on CPU
+LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", PORT]
+
+
+def _run(cmd: list[str]) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": PORT}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def recipe_file(micro_data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One micro recipe for the module, so every launch reuses the demo base and packed data it cached."""
+    root = tmp_path_factory.mktemp("distributed")
+    path = root / "micro.yaml"
+    path.write_text(yaml.safe_dump(micro_recipe_dict(micro_data, root / "run", root / "cache")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(recipe_file: Path) -> Path:
+    """The math expert trained by one plain process, whole batches at once."""
+    run = recipe_file.parent / "one"
+    _run([sys.executable, *EXPERTS, str(recipe_file), f"run_dir={run}", "--domain", "math"])
+    return run / "experts" / "math"
+
+
+def _same_expert(expert: Path, reference: Path) -> None:
+    """Same files as the reference expert, and weights equal to float rounding."""
+    assert sorted(p.name for p in expert.iterdir()) == sorted(p.name for p in reference.iterdir())
+    a = load_file(str(reference / "model.safetensors"))
+    b = load_file(str(expert / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_two_process_expert_equals_one_process(recipe_file: Path, one_process: Path) -> None:
+    """The same global batch split over 2 data-parallel processes (each accumulating 2 micro-batches) gives
+    the 1-process expert's weights to float rounding, and only the main process writes the expert."""
+    run = recipe_file.parent / "ddp"
+    log = _run([*LAUNCH, "--multi_gpu", *EXPERTS, str(recipe_file), f"run_dir={run}",
+                "experts.micro_batch_size=2", "--domain", "math"])
+    assert log.count("stage experts ...") == 2  # two processes ran the stage
+    assert log.count("expert math: 6 steps") == 1  # logged by the process that saves, after saving
+    _same_expert(run / "experts" / "math", one_process)
+
+
+def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) -> None:
+    """An FSDP2 full-shard launch (each process holds half of every weight, gradient and AdamW state;
+    2 micro-batches each) gives the 1-process expert to float rounding: the shards are gathered to the main
+    process, which alone writes the expert; resume checkpoints are refused in one line."""
+    run = recipe_file.parent / "fsdp"
+    log = _run([*LAUNCH, "--use_fsdp", "--fsdp_version", "2", *EXPERTS, str(recipe_file), f"run_dir={run}",
+                "experts.micro_batch_size=2", "--domain", "math"])
+    assert log.count("stage experts ...") == 2
+    assert log.count("expert math: 6 steps") == 1
+    assert log.count("no resume checkpoints under FSDP") == 2  # each process says it, and neither writes one
+    _same_expert(run / "experts" / "math", one_process)
+
+
+def _trials(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+
+
+def test_two_process_propose_searches_together_like_one_process(recipe_file: Path) -> None:
+    """`propose` under a 2-process launch searches with the base and task vectors sharded over both processes:
+    the main process alone writes trials and proposal, the other merges and evaluates every α in step
+    with it, and the trials and α* equal a one-process propose's. The experts are trained once, by the
+    one-process run (data-parallel training is equal only to float rounding), and reused by the launch."""
+    one, two = recipe_file.parent / "propose_one", recipe_file.parent / "propose_two"
+    cmd = ["-m", "mergemix", "propose", str(recipe_file)]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "proposal.json", "timings.json"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    assert log.count("stage search ...") == 1  # the main process runs the search, the other follows it
+    assert log.count("wrote ") == 1  # the main process alone reports
+    want, got = _trials(one), _trials(two)
+    followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
+    # the other process made every merge and evaluation with the main one: each trial's and the guard's three
+    # (the proposal, uniform and token-proportional scored again item by item)
+    assert followed == [len(want) + 3]
+    assert [t["alpha"] for t in got] == [t["alpha"] for t in want]  # one writer: no trial twice
+    for a, b in zip(want, got, strict=True):
+        assert b["objective"] == pytest.approx(a["objective"], abs=1e-5), a["alpha"]
+    star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
+    star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
+    assert star_two == pytest.approx(star_one, abs=1e-9)
+
+
+def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
+    """`report` under a 2-process launch merges and scores the proxies with both processes (each merging its
+    shard) and trains each mixture run data-parallel: the main process alone scores and writes each run's
+    record, and proxies and records equal those of a one-process report. The proposal (experts, trials) is
+    made once by the one-process report and reused by the launch."""
+    one, two = recipe_file.parent / "report_one", recipe_file.parent / "report_two"
+    report = ["report.mixtures=4", "report.seeds=1", "report.steps=4", "report.bootstrap=100",
+              "report.interference_batches=0"]
+    cmd = ["-m", "mergemix", "report", str(recipe_file), *report]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html", "proxies.jsonl"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    proxies = [json.loads(line) for line in (one / "report" / "proxies.jsonl").read_text().splitlines()]
+    assert proxies  # mixtures the search did not score
+    followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
+    assert followed == [len(proxies) + 3]  # the proxies and the guard's three (the trials are reused)
+    again = [json.loads(line) for line in (two / "report" / "proxies.jsonl").read_text().splitlines()]
+    assert [p["alpha"] for p in again] == [p["alpha"] for p in proxies]
+    for a, b in zip(proxies, again, strict=True):
+        for bench, scores in a["raw"].items():
+            for metric, value in scores.items():
+                assert b["raw"][bench][metric] == pytest.approx(value, abs=1e-6), (a["label"], bench, metric)
+    assert log.count("mixture runs: 0 of 4 already done") == 2  # both processes train every mixture run
+    assert log.count("wrote ") == 1  # the main process alone reports
+    assert (two / "report" / "index.html").exists()
+    runs = {p.name: json.loads(p.read_text()) for p in (one / "report" / "runs").glob("*.json")}
+    assert len(runs) == 4
+    assert sorted(p.name for p in (two / "report" / "runs").iterdir()) == sorted(runs)  # no checkpoint left
+    for name, a in runs.items():
+        b = json.loads((two / "report" / "runs" / name).read_text())
+        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4)
+        for bench, scores in a["raw"].items():
+            for metric, value in scores.items():
+                assert b["raw"][bench][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, bench, metric)
+
+
+def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FSDP launch without --fsdp_version 2 (accelerate's default is version 1) is refused before
+    accelerate builds anything (on CPU it would raise a RuntimeError about missing devices)."""
+    from mergemix.errors import MergemixError
+    from mergemix.model.train import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(MergemixError, match="FSDP version 1 is not supported; use FSDP version 2"):
+        make_accelerator("cpu")
+
+
+def test_verify_real_and_gradient_are_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """search.verify_real trains inside the main process's search, which the other processes cannot join, and
+    the gradient strategy needs the whole merged model, which no process of a sharded search holds: propose
+    and report under a launch refuse each in one line before anything is read or trained."""
+    from mergemix.errors import MergemixError
+    from mergemix.pipelines.propose import propose
+    from mergemix.recipe import recipe_from_dict
+    from mergemix.report import rank_consistency
+
+    d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
+    recipe = recipe_from_dict({**d, "search": {**d["search"], "verify_real": 2}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (propose, rank_consistency):
+        with pytest.raises(MergemixError, match="search.verify_real: .* a launch of 2 processes cannot do yet"):
+            command(recipe)
+    gradient = recipe_from_dict({**d, "search": {**d["search"], "strategy": "gradient"}})
+    for command in (propose, rank_consistency):
+        with pytest.raises(MergemixError, match="search.strategy: gradient .* a launch of 2 processes searches a "
+                                                "sharded one"):
+            command(gradient)
+    assert not (tmp_path / "run").exists()
