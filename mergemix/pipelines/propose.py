@@ -8,18 +8,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mergemix.artifacts import write_json
-from mergemix.catalog import DIFFERENTIABLE
+from mergemix.artifacts import read_json, stable_hash, write_json
+from mergemix.catalog import DIFFERENTIABLE, STRATEGIES
 from mergemix.collective import processes
 from mergemix.errors import MergemixError
-from mergemix.evaluate import Evaluator
+from mergemix.evaluate import Evaluator, Objective
 from mergemix.feasible import Bounds
 from mergemix.proposal import Margin, Proposal, Scored, Signal
-from mergemix.recipe import EvalSpec, Recipe
+from mergemix.recipe import EvalSpec, MixtureSpec, Recipe
 from mergemix.run.experts import Expert, general_probs, train_experts
 from mergemix.run.scoring import ScoringSession, scoring_session
 from mergemix.run.workspace import Workspace, evaluation_key, open_workspace
@@ -27,7 +28,7 @@ from mergemix.search.driver import Problem
 from mergemix.search.hierarchy import search_mixtures
 from mergemix.search.levels import level_of
 from mergemix.search.mixture import to_mixture
-from mergemix.search.trials import SearchResult, Trial
+from mergemix.search.trials import SearchResult, Trial, vertices
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,11 @@ def search_problem(ws: Workspace) -> Problem:
 def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSession,
                    strategy: str | None = None) -> tuple[SearchResult, str]:
     """Search over `experts`, scored by `session`: the trials' result and the strategy that searched
-    (`strategy`, else search.strategy; `auto` chosen by `choose_strategy`). The model is the base afterwards."""
+    (`strategy`, else search.strategy; `auto` chosen by `choose_strategy`). The model is the base afterwards.
+
+    The result is stored in search.json beside the trial log under a key of everything it depends on
+    (`search_key`), and a rerun with that key reads it instead of searching: a finished proposal costs
+    seconds to make again. Not for the optuna strategies, whose shared study other workers may have grown."""
     recipe = ws.recipe
     with ws.timings.stage("search"):
         problem = search_problem(ws)
@@ -107,10 +112,51 @@ def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSes
         if name == "auto":
             staged = level_of(recipe.mixture, problem.domains, problem.bounds, problem.prior) is not None
             name = choose_strategy(recipe.evaluation, ws.model, staged)
+        eval_key = evaluation_key(ws, experts)
+        key = search_key(problem, recipe.mixture, eval_key, name)
+        stored = _stored_search(ws.run_dir / SEARCH_FILE, key, problem)
+        if stored is not None:
+            log.info("search: %s holds the result of this search (nothing it depends on changed); reusing it",
+                     ws.run_dir / SEARCH_FILE)
+            return stored, name
         result = search_mixtures(problem, recipe.mixture, session.evaluate_alpha, ws.run_dir / "trials.jsonl",
-                                 evaluation_key(ws, experts), name, None if session.leads else session.differentiable())
+                                 eval_key, name, None if session.leads else session.differentiable())
         session.merger.restore()
+        if not STRATEGIES.get(name).shared:
+            write_json(ws.run_dir / SEARCH_FILE, {"key": key, "result": result.record()})
     return result, name
+
+
+SEARCH_FILE = "search.json"
+SEARCH_VERSION = 1  # part of search_key: a change of what the search computes makes stored results stale
+
+
+def search_key(problem: Problem, mixture: MixtureSpec, eval_key: str, strategy: str) -> str:
+    """What a search's result depends on: the experts, merge and benchmarks (`eval_key`), the objective and the
+    search's settings, the feasible set, the token prior, the grouping of domains, the seed and the strategy."""
+    return stable_hash([SEARCH_VERSION, Objective.VERSION, eval_key, strategy, problem.domains,
+                        problem.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+                        problem.search.model_dump(mode="json", exclude={"strategy", "verify_real"}),
+                        problem.bounds.lo.tolist(), problem.bounds.hi.tolist(), problem.prior.tolist(),
+                        mixture.model_dump(mode="json", include={"groups", "reuse"}), problem.seed])
+
+
+def _stored_search(path: Path, key: str, problem: Problem) -> SearchResult | None:
+    """The result search.json holds for `key`, or None (no file, another key, or not readable)."""
+    if not path.exists():
+        return None
+    try:
+        stored = read_json(path)
+        if stored.get("key") != key:
+            return None
+        def objective(base: Trial, trials: list[Trial]) -> Objective:
+            experts = [t.raw for t in vertices(trials)][: len(problem.domains)]
+            return Objective.from_references(problem.evaluation, base.raw, experts)
+
+        return SearchResult.restore(stored["result"], problem.domains, objective)
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("search: %s is unreadable (%s); searching again", path, e)
+        return None
 
 
 def choose_strategy(evaluation: EvalSpec, model: torch.nn.Module, staged: bool) -> str:

@@ -3,7 +3,7 @@ line per evaluated α, appended as each finishes, so a rerun resumes)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,27 @@ class SearchResult:
 
     def by_kind(self, kind: str) -> Trial:
         return next(t for t in self.trials if t.kind == kind)
+
+    def record(self) -> dict[str, Any]:
+        """The result as JSON. The objective is not stored: it is rebuilt from the base and the vertices
+        (`restore`)."""
+        return {"base": self.base.record(), "trials": [t.record() for t in self.trials], "star": self.star.record(),
+                "ranked": [t.record() for t in self.ranked], "surrogate_loo_rmse": self.surrogate_loo_rmse,
+                "predicted_star": self.predicted_star}
+
+    @classmethod
+    def restore(cls, record: dict[str, Any], domains: list[str],
+                objective: Callable[[Trial, list[Trial]], Objective]) -> SearchResult:
+        """The result `record` wrote, each α in the order of `domains` (JSON keeps keys sorted);
+        `objective(base, trials)` rebuilds its objective."""
+
+        def trial(rec: dict[str, Any]) -> Trial:
+            return Trial(**{**rec, "alpha": {d: rec["alpha"][d] for d in domains}})
+
+        trials = [trial(t) for t in record["trials"]]
+        base = trial(record["base"])
+        return cls(base, trials, objective(base, trials), trial(record["star"]), record["surrogate_loo_rmse"],
+                   record["predicted_star"], [trial(t) for t in record["ranked"]])
 
     @property
     def vertices(self) -> list[Trial]:

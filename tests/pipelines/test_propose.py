@@ -108,13 +108,39 @@ def test_same_recipe_and_seed_give_the_same_proposal(micro_recipe_file: Path, tm
     assert outputs[0] == outputs[1]
 
 
+def test_a_finished_search_is_read_again_and_a_change_searches_again(
+        micro_recipe_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from mergemix.run.scoring import ScoringSession
+
+    recipe = load_recipe(micro_recipe_file)
+    propose(recipe)
+    run = recipe.resolved_run_dir()
+    proposal, stored = (run / "proposal.json").read_bytes(), json.loads((run / "search.json").read_text())
+
+    def no_merge(self: Any, alpha: dict[str, float]) -> Any:
+        raise AssertionError(f"the search merged {alpha} again")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="mergemix.pipelines.propose"):
+        m.setattr(ScoringSession, "evaluate_alpha", no_merge)
+        propose(recipe)
+    assert "holds the result of this search" in caplog.text
+    assert (run / "proposal.json").read_bytes() == proposal
+    # another objective is another search (its trials come from the log)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mergemix.pipelines.propose"):
+        propose(load_recipe(micro_recipe_file, ["evaluation.weights={coding: 2.0}"]))
+    assert "holds the result of this search" not in caplog.text
+    assert json.loads((run / "search.json").read_text())["key"] != stored["key"]
+
+
 def test_killed_search_resumes_from_the_trial_log(micro_recipe_file: Path) -> None:
     recipe = load_recipe(micro_recipe_file)
     first = propose(recipe)
     log = recipe.resolved_run_dir() / "trials.jsonl"
     lines = log.read_text().splitlines(keepends=True)
-    # a run killed after six trials, in the middle of writing the seventh
+    # a run killed after six trials, in the middle of writing the seventh (before the result was stored)
     log.write_text("".join(lines[:6]) + lines[6][:40])
+    (recipe.resolved_run_dir() / "search.json").unlink()
     assert propose(recipe) == first
     trials = read_jsonl(log)
     assert len(trials) == len(lines)
