@@ -354,6 +354,10 @@ class EvalSpec(_Model):
     low_signal_ratio: float = Field(
         1.0, ge=0, description="spread / stderr below which a benchmark is low-signal (0 never flags one)"
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="scoring: bf16/fp16 autocast every forward pass (bf16 on CPUs too, fp16 CUDA only); "
+        "auto: bf16 on a CUDA GPU that has it, else fp32 (docs/fidelity.md, Scoring speed)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EvalSpec:

@@ -3,6 +3,7 @@ recipe's benchmarks, and the objective built from them."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class Evaluator:
 
     def __init__(self, benchmarks: list[BenchmarkSpec], ctx: EvalContext, data: dict[str, Any] | None = None):
         data = data if data is not None else read_benchmarks(benchmarks, ctx.cache_dir)
+        self.autocast = ctx.autocast
         self.benchmarks: dict[str, Benchmark] = {}
         for spec in benchmarks:
             try:
@@ -58,11 +60,19 @@ class Evaluator:
     def __call__(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """benchmark → metric → value (plus `<metric>_se` standard errors) for `model` as it is now."""
         model.eval()
-        return {name: bench.score(model) for name, bench in self.benchmarks.items()}
+        with self._precision(model):
+            return {name: bench.score(model) for name, bench in self.benchmarks.items()}
 
     @torch.no_grad()
     def items(self, model: torch.nn.Module) -> Items:
         """benchmark → metric → per-item values for `model` as it is now, for every benchmark whose kind gives
         them (not lm_eval): two models scored here are compared item by item (`Objective.diff_se`)."""
         model.eval()
-        return {name: bench.item_values(model) for name, bench in self.benchmarks.items() if bench.paired}
+        with self._precision(model):
+            return {name: bench.item_values(model) for name, bench in self.benchmarks.items() if bench.paired}
+
+    def _precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Autocast to the context's dtype on the model's device, or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(model.parameters()).device.type, dtype=self.autocast)

@@ -23,7 +23,7 @@ from mergemix.catalog import BENCHMARK_KINDS
 from mergemix.data.readers import read_records, resolve_paths
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import Benchmark, EvalContext, model_device
-from mergemix.model.modeling import max_positions
+from mergemix.model.modeling import cache_kwarg, cache_of, max_positions
 from mergemix.recipe import BenchmarkSpec
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,10 @@ def greedy_generate(model: torch.nn.Module, tokenizer: object, prompts: list[lis
             break
         mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
         positions = positions[:, -1:] + 1
-        cache = getattr(out, "past_key_values", None)
+        cache = cache_of(out)
         if cache is not None:
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                        **cache_kwarg(model, cache))
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))

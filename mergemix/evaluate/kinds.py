@@ -24,7 +24,7 @@ from mergemix.catalog import BENCHMARK_KINDS
 from mergemix.data.prepare import pack_texts
 from mergemix.data.readers import read_records, read_texts, resolve_paths
 from mergemix.errors import MergemixError
-from mergemix.model.modeling import max_positions
+from mergemix.model.modeling import cache_kwarg, cache_of, max_positions
 from mergemix.recipe import BenchmarkSpec
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What benchmarks need besides their spec: the tokenizer, block length and held-out pools."""
+    """What benchmarks need besides their spec: the tokenizer, block length and held-out pools, and the dtype
+    forward passes autocast to (None: the model's own)."""
 
     tokenizer: object
     seq_len: int
@@ -40,6 +41,7 @@ class EvalContext:
     cache_dir: Path
     batch_size: int
     seed: int
+    autocast: torch.dtype | None = None
 
     def ids(self, text: str) -> list[int]:
         """Token ids of `text`, without special tokens (benchmarks add what they need themselves)."""
@@ -275,7 +277,7 @@ def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group
         mask[g, width - len(p) :] = 1
     ids, mask = ids.to(dev), mask.to(dev)
     first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    cache = getattr(first, "past_key_values", None)
+    cache = cache_of(first)
     if cache is None or not hasattr(cache, "reorder_cache"):
         return None
     index = torch.tensor(group, device=dev)
@@ -290,7 +292,7 @@ def _score_shared(model: torch.nn.Module, prefixes: list[tuple[int, ...]], group
     # padding after a short continuation is never scored; clamped, it cannot run past a learned position table
     positions = (lengths[:, None] + torch.arange(c_width, device=dev)[None]).clamp(max=(max_positions(model) or 2**31) - 1)
     logits = model(input_ids=c_ids.to(dev), attention_mask=torch.cat([mask[index], c_mask.to(dev)], dim=1),
-                   position_ids=positions, past_key_values=cache, use_cache=True).logits
+                   position_ids=positions, use_cache=True, **cache_kwarg(model, cache)).logits
     # The first continuation token is predicted from the prefix's last position, the others from the
     # continuation's own: one (rows x c_width + 1) table of logits covers both.
     logits = torch.cat([first.logits[index, -1:], logits], dim=1)

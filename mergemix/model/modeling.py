@@ -6,10 +6,12 @@ hash of its training data, so from then on both kinds of base take the same path
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,6 +78,21 @@ def load_base(path: str | Path, spec: BaseSpec | None = None) -> tuple[torch.nn.
 
 def max_positions(model: torch.nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def cache_of(output: Any) -> Any | None:
+    """The key/value cache a forward pass returned: `cache` in transformers 5, `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return None
+
+
+def cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands `cache` back to `model`'s forward, by the name its version takes (no
+    deprecated argument, no warning)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def fingerprint(path: str | Path) -> str:

@@ -20,8 +20,9 @@ from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.lazy import checkpoint_state
 from mergemix.merge.replay import merge_weights, replay_matrix
+from mergemix.model.train import AUTOCAST
 from mergemix.run.experts import Expert, general_probs, replay_share
-from mergemix.run.workspace import Workspace
+from mergemix.run.workspace import Workspace, scoring_precision
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def evaluator(ws: Workspace) -> Evaluator:
     """The workspace's benchmarks on its tokenizer, held-out pools and data."""
     r = ws.recipe
     ctx = EvalContext(ws.tokenizer, r.data.seq_len, {n: b.blocks["heldout"] for n, b in ws.blocks.items()},
-                      ws.cache_dir, r.evaluation.batch_size, r.seed)
+                      ws.cache_dir, r.evaluation.batch_size, r.seed, AUTOCAST.get(scoring_precision(r)))
     return Evaluator(r.evaluation.benchmarks, ctx, ws.benchmark_data)
 
 

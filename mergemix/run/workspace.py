@@ -30,7 +30,7 @@ from mergemix.model.modeling import (
     load_base,
     max_positions,
 )
-from mergemix.model.train import process_state
+from mergemix.model.train import process_state, resolve_precision
 from mergemix.progress import progress
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.run.experts import Expert, precision_key, replay_share
@@ -106,7 +106,8 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
     if n > 1 and not distributed:
         raise MergemixError(f"this command runs as one process, got {n} (accelerate launch, torchrun); "
                             "only propose, experts and report run multi-process: start it with python -m mergemix")
-    precision_key(recipe)  # a precision this device cannot train in fails here, before any training
+    precision_key(recipe)  # a precision this device cannot train or score in fails here, before any training
+    scoring_precision(recipe)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -143,16 +144,24 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
                      available, benchmark_data)
 
 
+def scoring_precision(recipe: Recipe) -> str:
+    """What evaluation.precision means on the run's device: fp32, bf16 or fp16."""
+    device = "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
+    return resolve_precision(recipe.evaluation.precision, device, "evaluation.precision")
+
+
 def benchmark_key(ws: Workspace) -> str:
-    """What a model's raw scores depend on besides the model: each benchmark's data and scoring fields.
-    Objective weights, capability groups, metric choice and ceiling are left out: they are recomputed from
-    the raw scores, so re-weighting an objective re-uses every evaluation already made."""
+    """What a model's raw scores depend on besides the model: each benchmark's data and scoring fields, and the
+    scoring precision (when not fp32, so earlier keys stay). Objective weights, capability groups, metric
+    choice and ceiling are left out: they are recomputed from the raw scores, so re-weighting an objective
+    re-uses every evaluation already made."""
     benches = [
         [b.model_dump(mode="json", exclude={"metric", "capability", "ceiling", "allow_test_split"}),
          stable_hash(ws.benchmark_data[b.name])]
         for b in ws.recipe.evaluation.benchmarks
     ]
-    return stable_hash([ws.recipe.data.seq_len, benches])
+    precision = scoring_precision(ws.recipe)
+    return stable_hash([ws.recipe.data.seq_len, benches, *([f"scored-{precision}"] if precision != "fp32" else [])])
 
 
 def evaluation_key(ws: Workspace, experts: Sequence[Expert]) -> str:

@@ -424,3 +424,38 @@ def test_all_benchmarks_low_signal_keeps_them(caplog: pytest.LogCaptureFixture) 
         obj = Objective.from_references(spec, _BASE, _EXPERTS)
     assert "every weighted benchmark is low-signal" in caplog.text
     assert obj.noise["mc"].low and obj.noise["mc"].weight == 1.0
+
+
+def test_scoring_passes_the_cache_by_the_models_own_argument(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    """The shared question's key/value cache goes back through the argument this transformers takes: no
+    deprecation warning (which would be an error in the next release), and the scores of a run without the
+    shared cache."""
+    import warnings
+
+    from mergemix.evaluate.kinds import _score_whole, score_requests
+
+    model, tok = tiny_lm
+    items = [{"question": "the quick brown", "choices": ["fox", "dog jumps", "0 1"], "answer": 0},
+             {"question": "1 + 2 =", "choices": ["3", "4 4"], "answer": 0}]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    bench = MultipleChoice(spec, _ctx(tok, tmp_path), MultipleChoice.read(spec, tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        shared = score_requests(model, bench.requests, 8)
+    whole = _score_whole(model, [r.ids for r in bench.requests], [r.n for r in bench.requests])
+    for (a, n), (b, m) in zip(shared, whole, strict=True):
+        assert n == m and a == pytest.approx(b, abs=1e-4)
+
+
+def test_bf16_scoring_stays_within_tolerance_of_fp32(tiny_lm: tuple[Any, Any], tmp_path: Path) -> None:
+    from mergemix.evaluate import Evaluator
+
+    model, tok = tiny_lm
+    items = [{"question": f"{i} + {i} =", "choices": [str(2 * i), str(2 * i + 1), "fox"], "answer": 0}
+             for i in range(12)]
+    spec = BenchmarkSpec(name="mc", kind="multiple_choice", path=str(_mc_file(tmp_path, items)))
+    data = {"mc": MultipleChoice.read(spec, tmp_path)}
+    fp32 = Evaluator([spec], EvalContext(tok, 16, {}, tmp_path, 4, 0), data).items(model)["mc"]
+    bf16 = Evaluator([spec], EvalContext(tok, 16, {}, tmp_path, 4, 0, torch.bfloat16), data).items(model)["mc"]
+    torch.testing.assert_close(bf16["score"], fp32["score"], rtol=0, atol=0.05)
+    assert not torch.equal(bf16["score"], fp32["score"])  # autocast did run the forward passes in bf16

@@ -293,3 +293,12 @@ def test_a_noise_only_benchmark_is_flagged_and_dropped(micro_recipe_file: Path, 
     assert proposal.weights["math"] == pytest.approx(sum(s.weight for s in kept) / 3)
     on_disk = json.loads((load_recipe(micro_recipe_file).resolved_run_dir() / "proposal.json").read_text())
     assert on_disk["signal"][-1]["low_signal"] is True
+
+
+def test_a_scoring_precision_the_device_lacks_is_refused_before_anything_runs(micro_recipe_file: Path) -> None:
+    from mergemix.errors import MergemixError
+
+    recipe = load_recipe(micro_recipe_file, ["evaluation.precision=fp16"])
+    with pytest.raises(MergemixError, match=r"^evaluation.precision: fp16 needs a CUDA GPU"):
+        propose(recipe)
+    assert not (recipe.resolved_run_dir() / "experts").exists()
