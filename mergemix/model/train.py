@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +185,13 @@ def train(
 
     Under an FSDP launch (FSDP2 full shard through accelerate) each process keeps a shard of the float32
     weights, gradients and AdamW state of a copy of `model`; the trained weights are gathered into `model` on
-    the main process only (the others keep theirs: only the main process saves or scores). Resume
-    checkpoints are not written under FSDP.
+    the main process only (the others keep theirs: only the main process saves or scores).
 
-    With `checkpoint`, state (weights, optimizer, losses) is saved there every `cfg.checkpoint_every`
-    steps and a run finding one resumes from it. The caller removes the checkpoint once the result is saved.
+    With `checkpoint`, state (weights, optimizer, scheduler, losses, RNG) is saved every
+    `cfg.checkpoint_every` steps and a run finding one resumes from it: in one safetensors file at
+    `checkpoint`, or under FSDP sharded beside it (`sharded_dir`, torch.distributed.checkpoint: each process
+    writes its part). The sampler needs no state: a step's batch is a function of the step. The caller removes
+    the checkpoint once the result is saved (`remove_checkpoint`).
     """
     accelerator = accelerator or make_accelerator()
     fsdp = _check_sharding(accelerator)
@@ -196,10 +199,6 @@ def train(
     load_dtype = next(model.parameters()).dtype
     # FSDP shards the module it trains in place, so it trains a copy and the result is copied back
     work = copy.deepcopy(model).float() if fsdp else model.float()  # float32 master weights
-    if fsdp and checkpoint is not None:
-        log.warning("%s: no resume checkpoints under FSDP (the optimizer state is sharded); a killed run "
-                    "trains this model again from step 0", desc)
-        checkpoint = None
     decay = [p for n, p in work.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in work.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -210,7 +209,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start, losses = 0, []
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and not fsdp and checkpoint.exists():
         resumed = load_checkpoint(checkpoint, work, opt, sched, desc, scaler)
         if resumed is not None:
             start, losses = resumed
@@ -220,6 +219,11 @@ def train(
     work.train()
     pmodel, opt = accelerator.prepare(work, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if checkpoint is not None and fsdp:  # sharded state loads into the sharded model and optimizer
+        resumed = load_sharded(sharded_dir(checkpoint), pmodel, opt, sched, scaler, rank)
+        if resumed is not None:
+            start, losses = resumed
+            log.info("%s: resuming at step %d of %d (sharded checkpoint)", desc, start, cfg.steps)
     device = accelerator.device
     bar = progress(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, leave=False,
                    disable=not accelerator.is_local_main_process)
@@ -255,7 +259,9 @@ def train(
         bar.set_postfix(loss=f"{value:.3f}")
         done = step + 1
         if checkpoint is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            if is_main_process():
+            if fsdp:
+                save_sharded(sharded_dir(checkpoint), pmodel, opt, sched, done, losses, scaler, rank)
+            elif is_main_process():
                 save_checkpoint(checkpoint, accelerator.unwrap_model(pmodel), opt, sched, done, losses, scaler)
             accelerator.wait_for_everyone()
     if fsdp:
@@ -391,6 +397,74 @@ def _trained(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def sharded_dir(checkpoint: Path) -> Path:
+    """Where the sharded (FSDP) checkpoints of a run whose single-file checkpoint is `checkpoint` live."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".sharded")
+
+
+_DONE = "done.json"  # written last: a step directory without it is a save a kill interrupted
+
+
+def save_sharded(folder: Path, pmodel: torch.nn.Module, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, step: int, losses: list[float],
+                 scaler: torch.amp.GradScaler | None, rank: int) -> None:
+    """A resume checkpoint of a sharded (FSDP2) run, made by every process together: model and optimizer with
+    torch.distributed.checkpoint (each process writes its shards into `folder/step-N`), each process's RNG
+    state, then, once all have written, `done.json` (step, losses, scheduler, scaler) by the main process, and
+    the older steps removed. A kill at any point leaves the last finished step readable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    target = folder / f"step-{step:08d}"
+    if is_main_process() and target.exists():  # the half-written save of a killed run
+        shutil.rmtree(target)
+    torch.distributed.barrier()
+    model_state, optim_state = get_state_dict(pmodel, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target))
+    save_file({"cpu": torch.get_rng_state()}, str(target / f"rng-{rank}.safetensors"))
+    torch.distributed.barrier()
+    if is_main_process():
+        meta = {"step": step, "losses": losses, "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None}
+        with atomic_path(target / _DONE) as tmp:
+            tmp.write_text(json.dumps(meta))
+        for old in folder.glob("step-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_sharded(folder: Path, pmodel: torch.nn.Module, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                 rank: int) -> tuple[int, list[float]] | None:
+    """Restore the last finished step `save_sharded` wrote into the sharded model and optimizer (every process
+    its part); return (step, losses), or None when there is none."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    finished = sorted(p.parent for p in folder.glob(f"step-*/{_DONE}"))
+    if not finished:
+        return None
+    target = finished[-1]
+    meta = json.loads((target / _DONE).read_text())
+    model_state, optim_state = get_state_dict(pmodel, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(target))
+    set_state_dict(pmodel, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sched.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    rng = target / f"rng-{rank}.safetensors"
+    if rng.exists():
+        with safe_open(str(rng), framework="pt") as f:
+            torch.set_rng_state(f.get_tensor("cpu"))
+    return meta["step"], list(meta["losses"])
+
+
 def remove_checkpoint(path: Path | None) -> None:
-    if path is not None and path.exists():
+    """Remove a run's resume checkpoint: its single file and its sharded folder."""
+    if path is None:
+        return
+    if path.exists():
         os.unlink(path)
+    if sharded_dir(path).exists():
+        shutil.rmtree(sharded_dir(path), ignore_errors=True)

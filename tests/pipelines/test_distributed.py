@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -28,9 +32,11 @@ LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_proc
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", PORT]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": PORT}
+
+
 def _run(cmd: list[str]) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": PORT}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -76,14 +82,45 @@ def test_two_process_expert_equals_one_process(recipe_file: Path, one_process: P
 def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) -> None:
     """An FSDP2 full-shard launch (each process holds half of every weight, gradient and AdamW state;
     2 micro-batches each) gives the 1-process expert to float rounding: the shards are gathered to the main
-    process, which alone writes the expert; resume checkpoints are refused in one line."""
+    process, which alone writes the expert."""
     run = recipe_file.parent / "fsdp"
     log = _run([*LAUNCH, "--use_fsdp", "--fsdp_version", "2", *EXPERTS, str(recipe_file), f"run_dir={run}",
                 "experts.micro_batch_size=2", "--domain", "math"])
     assert log.count("stage experts ...") == 2
     assert log.count("expert math: 6 steps") == 1
-    assert log.count("no resume checkpoints under FSDP") == 2  # each process says it, and neither writes one
     _same_expert(run / "experts" / "math", one_process)
+    assert not list((run / "experts" / "math").glob("checkpoint-*"))  # its sharded checkpoint (step 3) is gone
+
+
+def test_a_killed_fsdp_expert_resumes_from_its_sharded_checkpoint(recipe_file: Path) -> None:
+    """An FSDP2 expert job killed (SIGKILL, every process) after a sharded checkpoint continues from it when run
+    again, and ends with the weights of an uninterrupted FSDP run: model, AdamW state and schedule were saved by
+    both processes (torch.distributed.checkpoint) and loaded back into their shards."""
+    budget = ["experts.steps=60", "experts.checkpoint_every=5"]
+    fsdp = [*LAUNCH, "--use_fsdp", "--fsdp_version", "2", *EXPERTS, str(recipe_file), "--domain", "math", *budget]
+    whole, killed = recipe_file.parent / "fsdp_whole", recipe_file.parent / "fsdp_killed"
+    _run([*fsdp, f"run_dir={whole}"])
+    out = killed / "experts" / "math"
+    proc = subprocess.Popen([*fsdp, f"run_dir={killed}"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (saved := list(out.glob("checkpoint-*.sharded/step-*/done.json"))):
+        assert proc.poll() is None, "the launch ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    launch = psutil.Process(proc.pid)
+    for p in [*launch.children(recursive=True), launch]:  # the workers run in sessions of their own
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()  # killed before it finished
+    step = saved[0].parent
+    assert {p.name for p in step.iterdir()} >= {"rng-0.safetensors", "rng-1.safetensors", "done.json"}
+    assert len(list(step.glob("*.distcp"))) == 2  # each process wrote its part
+    log = _run([*fsdp, f"run_dir={killed}"])
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+) of 60", log)]
+    assert len(resumed) == 2 and resumed[0] == resumed[1] >= 5  # both processes, from the same step
+    _same_expert(out, whole / "experts" / "math")
+    assert not list(out.glob("checkpoint-*"))
 
 
 def _trials(run: Path) -> list[dict[str, Any]]:
