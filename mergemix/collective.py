@@ -7,8 +7,10 @@ weights from every process), so every process must make the same forward passes 
 runs the search as a single process would (strategies, surrogate, trial log, the proposal's guard) and, before
 each merge and evaluation it makes, broadcasts the α and the kind of evaluation to the others; they merge
 their shard and make the same evaluation, discarding its scores, until told to stop. Every process scores
-the same items, so the main process's scores are a single process's (each layer is gathered whole while it
-runs) and the search takes a single process's time; splitting the items over the processes is a follow-up.
+the same items as the main one: their merges are in step, and each benchmark that can split its items
+(perplexity, multiple choice) gives every process its share (`Share`), whose per-item values are gathered so
+that every process holds all of them. A sharded forward pass is a collective per layer, so a process with fewer
+batches than another runs padding batches (one token, dropped) until all have run as many.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ log = logging.getLogger(__name__)
 def processes() -> int:
     """How many processes the launch started (1 in a plain run)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+Share = tuple[int, int]  # (this process's rank, processes): it scores items rank, rank + N, rank + 2N, ...
+
+
+def launch_share() -> Share:
+    """This process's share of a launch's items."""
+    return int(os.environ.get("RANK", "0")), processes()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order, on every process (a collective)."""
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def is_main_process() -> bool:

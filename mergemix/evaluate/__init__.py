@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mergemix.catalog import BENCHMARK_KINDS
+from mergemix.collective import Share
 from mergemix.data.readers import resolve_paths
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import Benchmark, EvalContext, Items
@@ -57,19 +58,21 @@ class Evaluator:
                 raise MergemixError(f"benchmark {spec.name!r}: {e}") from None
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        """benchmark → metric → value (plus `<metric>_se` standard errors) for `model` as it is now."""
+    def __call__(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, dict[str, float]]:
+        """benchmark → metric → value (plus `<metric>_se` standard errors) for `model` as it is now. With
+        `share`, every process of a launch calls it together, each scoring its share of the items."""
         model.eval()
         with self._precision(model):
-            return {name: bench.score(model) for name, bench in self.benchmarks.items()}
+            return {name: bench.score(model, share) for name, bench in self.benchmarks.items()}
 
     @torch.no_grad()
-    def items(self, model: torch.nn.Module) -> Items:
+    def items(self, model: torch.nn.Module, share: Share | None = None) -> Items:
         """benchmark → metric → per-item values for `model` as it is now, for every benchmark whose kind gives
         them (not lm_eval): two models scored here are compared item by item (`Objective.diff_se`)."""
         model.eval()
         with self._precision(model):
-            return {name: bench.item_values(model) for name, bench in self.benchmarks.items() if bench.paired}
+            return {name: bench.item_values(model, share) for name, bench in self.benchmarks.items()
+                    if bench.paired}
 
     def _precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Autocast to the context's dtype on the model's device, or nothing."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mergemix.catalog import BENCHMARK_KINDS
+from mergemix.collective import Share
 from mergemix.data.readers import read_records, resolve_paths
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import Benchmark, EvalContext, model_device
@@ -197,7 +198,9 @@ class Generation(Benchmark):
                 out[i] = text.strip()
         return out
 
-    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def item_values(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, torch.Tensor]:
+        """Every item on every process (greedy decoding stops when a batch is done, which would put the
+        processes of a sharded launch out of step)."""
         preds = self.answers(model)
         return {name: torch.tensor([fn(p, it.answers) for p, it in zip(preds, self.items, strict=True)])
                 for name, fn in (("exact_match", exact_match), ("f1", token_f1))}

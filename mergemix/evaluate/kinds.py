@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mergemix.catalog import BENCHMARK_KINDS
+from mergemix.collective import Share, gather
 from mergemix.data.prepare import pack_texts
 from mergemix.data.readers import read_records, read_texts, resolve_paths
 from mergemix.errors import MergemixError
@@ -65,15 +66,17 @@ class Benchmark:
     def read(spec: BenchmarkSpec, cache_dir: Path) -> Any:
         raise NotImplementedError
 
-    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def item_values(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, torch.Tensor]:
         """metric → its value on every item, in the same item order on every call: what `score` averages, and
-        what compares two models item by item (paired noise, `Objective.diff_se`)."""
+        what compares two models item by item (paired noise, `Objective.diff_se`). With `share` (a launch's
+        collective search) this process scores only its share of the items, and gets every item's values
+        from the others; a kind that cannot split scores every item on every process."""
         raise NotImplementedError
 
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    def score(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, float]:
         """Each metric's mean over items and its standard error (`<metric>_se`), the items scored (`n`), and
         `chance` where the kind has one."""
-        values = self.item_values(model)
+        values = self.item_values(model, share)
         result = {"n": float(len(next(iter(values.values()))))}
         if self.chance is not None:
             result["chance"] = self.chance
@@ -133,15 +136,26 @@ class Perplexity(Benchmark):
         self.blocks = blocks
 
     @torch.no_grad()
-    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def item_values(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, torch.Tensor]:
         """Each block's mean next-token loss."""
         dev = model_device(model)
+        rank, world = share or (0, 1)
+        mine = list(range(rank, len(self.blocks), world))
+        batches = [mine[i : i + self.ctx.batch_size] for i in range(0, len(mine), self.ctx.batch_size)]
         losses = []
-        for i in range(0, len(self.blocks), self.ctx.batch_size):
-            batch = self.blocks[i : i + self.ctx.batch_size].to(dev)
+        for rows in batches:
+            batch = self.blocks[rows].to(dev)
             logits = model(input_ids=batch).logits[:, :-1]
             losses.append(token_nll(logits, batch[:, 1:]).mean(dim=1).cpu())
-        return {"loss": torch.cat(losses)}
+        if world == 1:
+            return {"loss": torch.cat(losses)}
+        _note_share(self.spec.name, len(mine), len(self.blocks))
+        most = math.ceil(math.ceil(len(self.blocks) / world) / self.ctx.batch_size)
+        for _ in range(most - len(batches)):  # padding batches: the other processes' forwards are collective
+            model(input_ids=self.blocks[:1, :1].to(dev))
+        values = dict(zip(mine, torch.cat(losses).tolist() if losses else [], strict=True))
+        merged = {i: v for part in gather(values) for i, v in part.items()}
+        return {"loss": torch.tensor([merged[i] for i in range(len(self.blocks))])}
 
 
 LOGIT_CHUNK = 4096  # positions per float32 log-softmax: 4096 x a 128k vocabulary is 2 GiB
@@ -224,7 +238,28 @@ class Request:
     n: int
 
 
-def score_requests(model: torch.nn.Module, requests: Sequence[Request], batch_size: int) -> list[tuple[float, int]]:
+_NOTED: set[str] = set()
+
+
+def _note_share(name: str, mine: int, total: int) -> None:
+    """Log, once per benchmark, how many of its items this process scores."""
+    if name not in _NOTED:
+        _NOTED.add(name)
+        log.info("benchmark %s: this process scores %d of %d items", name, mine, total)
+
+
+def _prefix_groups(requests: Sequence[Request], max_len: int) -> tuple[list[tuple[int, ...]], dict]:
+    """The distinct unscored prefixes, longest first, and the requests of each."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, req in enumerate(requests):
+        ids = req.ids[-max_len:]
+        n = min(req.n, len(ids) - 1)  # the first token has nothing before it to be scored from
+        groups.setdefault(ids[: len(ids) - n], []).append(i)
+    return sorted(groups, key=lambda p: (-len(p), groups[p][0])), groups
+
+
+def score_requests(model: torch.nn.Module, requests: Sequence[Request], batch_size: int,
+                   pad_to: int = 0) -> list[tuple[float, int]]:
     """(sum of log-probs of the scored tokens, their count) of every request.
 
     Requests whose unscored prefixes are equal (the options of one item: same context) share one forward
@@ -232,27 +267,32 @@ def score_requests(model: torch.nn.Module, requests: Sequence[Request], batch_si
     to each continuation, so an item with four 2-token options over a 45-token question costs ~53 token
     positions instead of ~190. A model that returns no cache gets every sequence whole (`_score_whole`).
     Only the scored positions go through log_softmax. Sequences longer than the model's context keep their
-    last tokens.
+    last tokens. `pad_to` chunks are run at least, the missing ones padding (one token each, as many forward
+    passes as a real chunk, dropped): the processes of a sharded launch stay in step.
     """
     max_len = max_positions(model) or 2048
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, req in enumerate(requests):
-        ids = req.ids[-max_len:]
-        n = min(req.n, len(ids) - 1)  # the first token has nothing before it to be scored from
-        groups.setdefault(ids[: len(ids) - n], []).append(i)
-    prefixes = sorted(groups, key=lambda p: (-len(p), groups[p][0]))
+    prefixes, groups = _prefix_groups(requests, max_len)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
-    for b in range(0, len(prefixes), batch_size):
-        chunk = prefixes[b : b + batch_size]
+    chunks = [prefixes[b : b + batch_size] for b in range(0, len(prefixes), batch_size)]
+    for chunk in chunks:
         rows = [(g, i) for g, p in enumerate(chunk) for i in groups[p]]
         conts = [requests[i].ids[-max_len:][len(chunk[g]) :] for g, i in rows]
-        scored = _score_shared(model, chunk, [g for g, _ in rows], conts)
-        if scored is None:
-            scored = _score_whole(model, [chunk[g] + c for (g, _), c in zip(rows, conts, strict=True)],
-                                  [len(c) for c in conts])
-        for (_, i), value in zip(rows, scored, strict=True):
+        for (_, i), value in zip(rows, _score_chunk(model, chunk, rows, conts), strict=True):
             out[i] = value
+    pad = (0,)
+    for _ in range(pad_to - len(chunks)):
+        _score_chunk(model, [pad], [(0, -1)], [pad])
     return out
+
+
+def _score_chunk(model: torch.nn.Module, chunk: list[tuple[int, ...]], rows: list[tuple[int, int]],
+                 conts: list[tuple[int, ...]]) -> list[tuple[float, int]]:
+    """The continuations `conts[r]` after the prefix `chunk[rows[r][0]]`: shared, else each sequence whole."""
+    scored = _score_shared(model, chunk, [g for g, _ in rows], conts)
+    if scored is None:
+        scored = _score_whole(model, [chunk[g] + c for (g, _), c in zip(rows, conts, strict=True)],
+                              [len(c) for c in conts])
+    return scored
 
 
 def _gather_logprobs(logits: torch.Tensor, rows: list[int], pos: list[int], target: list[int],
@@ -391,8 +431,27 @@ class MultipleChoice(Benchmark):
             answer=rec.answer,
         )
 
-    def item_values(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        scored = score_requests(model, self.requests, self.ctx.batch_size)
+    def _scored(self, model: torch.nn.Module, share: Share | None) -> list[tuple[float, int]]:
+        """(sum of log-probs, tokens) of every request; with `share`, this process scores the requests of its
+        items (rank, rank + N, ...) and the others' are gathered."""
+        rank, world = share or (0, 1)
+        if world == 1:
+            return score_requests(model, self.requests, self.ctx.batch_size)
+        parts = [sorted({r for it in self.items[k::world] for r in (*it.options, *it.blanks)}) for k in range(world)]
+        max_len = max_positions(model) or 2048
+        most = max(math.ceil(len(_prefix_groups([self.requests[r] for r in part], max_len)[0]) / self.ctx.batch_size)
+                   for part in parts)
+        _note_share(self.spec.name, len(self.items[rank::world]), len(self.items))
+        mine = parts[rank]
+        values = score_requests(model, [self.requests[r] for r in mine], self.ctx.batch_size, pad_to=most)
+        merged: dict[int, tuple[float, int]] = {}
+        for part in gather(dict(zip(mine, values, strict=True))):
+            for r, v in part.items():
+                merged.setdefault(r, v)  # a request two processes share (a question asked twice): the first
+        return [merged[r] for r in range(len(self.requests))]
+
+    def item_values(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, torch.Tensor]:
+        scored = self._scored(model, share)
         values: dict[str, list[float]] = {m: [] for m in self.metrics}
         for it in self.items:
             total = [scored[r][0] for r in it.options]

@@ -26,6 +26,7 @@ import torch
 
 from mergemix.artifacts import Hasher
 from mergemix.catalog import BENCHMARK_KINDS
+from mergemix.collective import Share
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import Benchmark, EvalContext
 from mergemix.recipe import BenchmarkSpec
@@ -224,7 +225,8 @@ class LmEval(Benchmark):
         return self._lm
 
     @torch.no_grad()
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
+    def score(self, model: torch.nn.Module, share: Share | None = None) -> dict[str, float]:
+        """Every document on every process (lm-eval runs its own loop); `share` is not used."""
         # Few-shot examples are drawn from the task's generator on every call: reseed it so that every
         # merge is scored on the same prompts.
         self.task.set_fewshot_seed(seed=self.ctx.seed)

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from mergemix.collective import follow, is_main_process, leading, processes, shard_model, tell
+from mergemix.collective import (
+    Share,
+    follow,
+    is_main_process,
+    launch_share,
+    leading,
+    processes,
+    shard_model,
+    tell,
+)
 from mergemix.evaluate import EvalContext, Evaluator, Items
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.merge import InPlaceMerger
@@ -41,17 +50,19 @@ class ScoringSession:
     # merge weights w = replay @ alpha of a mixture alpha when the experts replayed general data
     # (mergemix.merge.replay); None: w = alpha
     replay: torch.Tensor | None = None
+    # a launch's collective session: this process's share of every benchmark's items (None: all of them)
+    share: Share | None = None
 
     def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
         """Merge the experts for mixture `alpha` (domain → share; at its merge weights, `replay`) into the model
         and score it."""
         self._merge("evaluate_alpha", alpha)
-        return self.evaluator(self.model)
+        return self.evaluator(self.model, self.share)
 
     def items_at(self, alpha: dict[str, float]) -> Items:
         """Merge for mixture `alpha` and score it item by item (`Evaluator.items`)."""
         self._merge("items_at", alpha)
-        return self.evaluator.items(self.model)
+        return self.evaluator.items(self.model, self.share)
 
     def weights(self, alpha: dict[str, float]) -> list[float]:
         """The merge weights of mixture `alpha`, in the merger's order of experts."""
@@ -119,6 +130,7 @@ def scoring_session(ws: Workspace, experts: Sequence[Expert]) -> Iterator[Scorin
         return
     shard_model(ws.model)
     session = open_scoring(ws, experts)
+    session.share = launch_share()
     if is_main_process():
         session.leads = True
         with leading():

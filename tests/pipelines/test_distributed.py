@@ -135,7 +135,8 @@ def test_two_process_propose_searches_together_like_one_process(recipe_file: Pat
     one, two = recipe_file.parent / "propose_one", recipe_file.parent / "propose_two"
     cmd = ["-m", "mergemix", "propose", str(recipe_file)]
     _run([sys.executable, *cmd, f"run_dir={one}"])
-    shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "proposal.json", "timings.json"))
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "search.json", "proposal.json",
+                                                                  "timings.json"))
     log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
     assert log.count("stage search ...") == 1  # the main process runs the search, the other follows it
     assert log.count("wrote ") == 1  # the main process alone reports
@@ -147,6 +148,13 @@ def test_two_process_propose_searches_together_like_one_process(recipe_file: Pat
     assert [t["alpha"] for t in got] == [t["alpha"] for t in want]  # one writer: no trial twice
     for a, b in zip(want, got, strict=True):
         assert b["objective"] == pytest.approx(a["objective"], abs=1e-5), a["alpha"]
+    # each process scored its half of every benchmark's items (the other half gathered from the other)
+    shares: dict[str, list[tuple[int, int]]] = {}
+    for name, mine, total in re.findall(r"benchmark (\S+): this process scores (\d+) of (\d+) items", log):
+        shares.setdefault(name, []).append((int(mine), int(total)))
+    assert sorted(shares) == ["math_heldout", "sums", "target"]
+    for name, (a, b) in shares.items():
+        assert a[1] == b[1] and a[0] + b[0] == a[1] and abs(a[0] - b[0]) <= 1, name
     star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
     star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
     assert star_two == pytest.approx(star_one, abs=1e-9)
