@@ -11,7 +11,7 @@ Every method here is Θ = Θ_base + λ · combine(α, sparsify(τ_1) … sparsif
   weighted sign agrees with the majority's) and `normalize` (divide by the weight that took part).
 
 Semantics follow mergekit 0.1.5's task_arithmetic, ties, dare_linear and dare_ties (same order of floating
-point operations, so fp32 results are equal); tests/test_merge_methods.py checks them against mergekit.
+point operations, so fp32 results are equal); tests/merge/test_methods.py checks them against mergekit.
 """
 
 from __future__ import annotations
