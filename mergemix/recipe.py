@@ -98,6 +98,10 @@ class DomainSpec(_Model):
         description="tokens the team really has of this domain, for epochs in the proposal; "
         "default: the tokens read here",
     )
+    megatron_prefix: str | None = Field(
+        None, description="this domain's data prefix for `mergemix export --format megatron` (Megatron-LM's "
+        "--data-path); default: the domain's name"
+    )
 
 
 class SplitSpec(_Model):
@@ -184,6 +188,14 @@ class ExpertSpec(_Model):
         None, description="train peft LoRA adapters instead of full experts (merged without forming their task "
         "vectors for linear merges); unset: full-parameter experts",
     )
+    checkpoints: dict[str, str] = Field(
+        default_factory=dict, description="domain -> its expert trained elsewhere: a Hugging Face checkpoint or peft "
+        "adapter directory of the base (checked before anything runs); the other domains are trained here"
+    )
+    replay_proportions: dict[str, float] | None = Field(
+        None, description="the general data's domain proportions the experts replayed (with replay > 0: experts "
+        "trained elsewhere); default: the token proportions of the data read here"
+    )
 
     @model_validator(mode="after")
     def _budget(self) -> ExpertSpec:
@@ -194,6 +206,9 @@ class ExpertSpec(_Model):
         for b in self.betas:
             if not 0 <= b < 1:
                 raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.replay_proportions is not None and (
+                any(v < 0 for v in self.replay_proportions.values()) or sum(self.replay_proportions.values()) <= 0):
+            raise ValueError("replay_proportions must be >= 0 with a positive sum")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})")
         return self
@@ -730,6 +745,15 @@ class Recipe(_Model):
             if unknown:
                 raise ValueError(f"report.include[{i}]: unknown domain {', '.join(unknown)} (domains: "
                                  f"{', '.join(sorted(names))})")
+        for where, given in (("experts.checkpoints", self.experts.checkpoints),
+                             ("experts.replay_proportions", self.experts.replay_proportions or {})):
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise ValueError(f"{where}: unknown domain {', '.join(unknown)} (domains: {', '.join(sorted(names))})")
+        if self.experts.replay_proportions is not None and set(self.experts.replay_proportions) != names:
+            missing = sorted(names - set(self.experts.replay_proportions))
+            raise ValueError(f"experts.replay_proportions: give every domain's proportion ({', '.join(missing)} "
+                             "missing)")
         for field_name in ("min_share", "max_share", "pinned"):
             unknown = sorted(set(getattr(self.mixture, field_name)) - names)
             if unknown:

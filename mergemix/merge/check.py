@@ -41,16 +41,17 @@ def tensor_specs(state: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
     return {k: (tuple(t.shape), dtype_code(t.dtype)) for k, t in state.items()}
 
 
-def first_mismatch(base: Mapping[str, Spec], expert: Mapping[str, Spec], complete: bool = True) -> str | None:
+def first_mismatch(base: Mapping[str, Spec], expert: Mapping[str, Spec], complete: bool = True,
+                   dtypes: bool = True) -> str | None:
     """The first way `expert` differs from `base`, or None. Tensors the base lacks always count; tensors the
-    expert lacks count when `complete` (a full expert saves every parameter)."""
+    expert lacks count when `complete` (a full expert saves every parameter); dtypes count when `dtypes`."""
     for name, (shape, dtype) in expert.items():
         if name not in base:
             return f"tensor {name} is not in the base"
         b_shape, b_dtype = base[name]
         if shape != b_shape:
             return f"tensor {name} has shape {list(shape)}, the base's is {list(b_shape)}"
-        if dtype != b_dtype:
+        if dtypes and dtype != b_dtype:
             return f"tensor {name} is {dtype}, the base's is {b_dtype}"
     if complete:
         missing = next((n for n in base if n not in expert), None)
@@ -59,13 +60,14 @@ def first_mismatch(base: Mapping[str, Spec], expert: Mapping[str, Spec], complet
     return None
 
 
-def check_expert_file(paths: str | Path | Sequence[str | Path], base: Mapping[str, Spec]) -> str | None:
+def check_expert_file(paths: str | Path | Sequence[str | Path], base: Mapping[str, Spec],
+                      dtypes: bool = True) -> str | None:
     """Why the expert in the safetensors file(s) `paths` (one file, or a checkpoint's shards) cannot be merged
-    into `base`, or None when it can."""
+    into `base`, or None when it can (a dtype of its own is fine without `dtypes`: it is cast when read)."""
     specs: dict[str, Spec] = {}
     try:
         for path in [paths] if isinstance(paths, str | Path) else paths:
             specs.update(file_specs(path))
     except (OSError, ValueError) as e:
         return f"cannot read it ({e})"
-    return first_mismatch(base, specs)
+    return first_mismatch(base, specs, dtypes=dtypes)

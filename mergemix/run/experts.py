@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mergemix.artifacts import read_json, stable_hash, write_json
+from mergemix.artifacts import Hasher, read_json, stable_hash, write_json
 from mergemix.collective import is_main_process
 from mergemix.data.prepare import DomainBlocks
 from mergemix.errors import MergemixError
@@ -61,7 +61,43 @@ class Expert:
         expert, its adapters' factors."""
         if self.manifest.get("kind") == LORA:
             return LoraExpert(self.path)
-        return SafetensorsState(weight_files(self.path))
+        cast = getattr(torch, self.manifest["dtype"]) if "given" in self.manifest else None
+        return SafetensorsState(weight_files(self.path), cast=cast)
+
+
+def given_expert(domain: str, path: Path, dtype: torch.dtype) -> Expert:
+    """The expert of `domain` trained elsewhere (experts.checkpoints) at `path`: a full checkpoint, its
+    tensors read as `dtype` (the base's) when saved in another, or a peft adapter. Its key is the files'
+    fingerprint; how it was trained is unknown (tokens 0 in the report's accounting)."""
+    kind = LORA if (path / ADAPTER_CONFIG).exists() else KIND
+    h = Hasher().update("given")
+    for f in sorted(path.iterdir()):  # its weights and configurations, by name, size and sampled bytes
+        if f.suffix in (".safetensors", ".json") and f.name != MANIFEST:
+            h.update(f.name).update_sampled(f)
+    manifest = {"key": h.hexdigest(), "kind": kind, "domain": domain,
+                "given": str(path), "tokens": 0, "dtype": str(dtype).removeprefix("torch.")}
+    return Expert(domain, path, manifest["key"], manifest)
+
+
+def check_given(checkpoints: dict[str, str], base: dict[str, Spec]) -> None:
+    """Refuse, in one line naming the domain and the directory, an expert of experts.checkpoints that is
+    missing or cannot be merged into the base (`base`: its tensors' specs): another architecture, other tensor
+    names or shapes, an adapter of another base. Its dtype may differ from the base's."""
+    for domain, raw in checkpoints.items():
+        path = Path(raw)
+        where = f"experts.checkpoints.{domain}: {path}"
+        if not path.is_dir():
+            raise MergemixError(f"{where}: no such directory; give the Hugging Face checkpoint or peft adapter "
+                                "directory of the expert")
+        if (path / ADAPTER_CONFIG).exists():
+            problem = check_adapter(path, base)
+        elif not all(f.exists() for f in weight_files(path)):
+            problem = f"holds no {MODEL_FILE} (or {WEIGHTS_INDEX}); save it with save_pretrained"
+        else:
+            problem = check_expert_file(weight_files(path), base, dtypes=False)
+        if problem is not None:
+            raise MergemixError(f"{where}: {problem}; an expert must be trained from this base (same architecture, "
+                                "tensor names and shapes)")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -161,6 +197,10 @@ def train_experts(
     base_specs = tensor_specs(dict(base.named_parameters()))
     experts = []
     for name in [n for n in names if domains is None or n in domains]:
+        if name in spec.checkpoints:
+            experts.append(given_expert(name, Path(spec.checkpoints[name]), next(base.parameters()).dtype))
+            log.info("expert %s: trained elsewhere, %s", name, spec.checkpoints[name])
+            continue
         out = run_dir / "experts" / name
         key = expert_key(recipe, base_hash, blocks, name)
         manifest = _finished(out, key, name, base_specs, LORA if spec.lora else KIND)

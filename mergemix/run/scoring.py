@@ -90,8 +90,12 @@ class ScoringSession:
 
 
 def replay_of(ws: Workspace) -> torch.Tensor | None:
-    """The workspace's `replay_matrix`: its experts' replayed share and the domains' token proportions."""
-    return replay_matrix(replay_share(ws.recipe.experts), general_probs(ws.blocks, ws.recipe.domain_names))
+    """The workspace's `replay_matrix`: its experts' replayed share and the general data's proportions (the
+    domains' token proportions, or experts.replay_proportions for experts trained elsewhere)."""
+    spec, names = ws.recipe.experts, ws.recipe.domain_names
+    given = spec.replay_proportions
+    probs = tuple(given[d] / sum(given.values()) for d in names) if given else general_probs(ws.blocks, names)
+    return replay_matrix(replay_share(spec), probs)
 
 
 def evaluator(ws: Workspace) -> Evaluator:

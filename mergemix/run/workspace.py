@@ -22,6 +22,8 @@ from mergemix.collective import is_main_process, processes
 from mergemix.data.prepare import DomainBlocks, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import read_benchmarks
+from mergemix.merge.check import tensor_specs
+from mergemix.merge.lazy import checkpoint_state
 from mergemix.model.bases import BaseSource, resolve_base
 from mergemix.model.modeling import (
     build_demo_base,
@@ -33,7 +35,7 @@ from mergemix.model.modeling import (
 from mergemix.model.train import process_state, resolve_precision
 from mergemix.progress import progress
 from mergemix.recipe import Recipe, dump_recipe
-from mergemix.run.experts import Expert, precision_key, replay_share
+from mergemix.run.experts import Expert, check_given, precision_key, replay_share
 from mergemix.search.mixture import available_tokens, check_cap
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
         with main_process_first(r.device):
             base_path, source = resolve_base(r.base.path, cache_dir)
         check_checkpoint_dir(base_path)
+        if r.experts.checkpoints and (files := checkpoint_state(base_path)) is not None:
+            check_given(r.experts.checkpoints, files.specs)  # experts trained elsewhere, before any data
     with timings.stage("data"), main_process_first(r.device):
         benchmark_data = read_benchmarks(r.evaluation.benchmarks, cache_dir)  # small files: fail fast
         docs = {d.name: load_domain(d, r.data.split, r.seed, cache_dir)
@@ -130,6 +134,7 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
             pools = {n: d.pools["base"] for n, d in docs.items()}
             base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, cache_dir, r.device)
         model, tokenizer = _load_base(base_path, r)
+        check_given(r.experts.checkpoints, tensor_specs(dict(model.named_parameters())))  # the demo base's too
         limit = max_positions(model)
         if limit is not None and r.data.seq_len > limit:
             raise MergemixError(f"data.seq_len: {r.data.seq_len} is longer than the base's context of {limit} "
@@ -167,6 +172,8 @@ def benchmark_key(ws: Workspace) -> str:
 def evaluation_key(ws: Workspace, experts: Sequence[Expert]) -> str:
     """What raw trial scores depend on: the experts, the merge method, the benchmarks and, with replay, that
     an α is a mixture (its merge weights mapped by the replay matrix; before, α was the merge weights)."""
-    share = replay_share(ws.recipe.experts)
+    spec = ws.recipe.experts
+    share = replay_share(spec)
+    given = [["replay proportions", spec.replay_proportions]] if share > 0 and spec.replay_proportions else []
     return stable_hash([[e.key for e in experts], ws.recipe.merge.key(), benchmark_key(ws),
-                        *([["replay weights", share]] if share > 0 else [])])
+                        *([["replay weights", share]] if share > 0 else []), *given])
