@@ -50,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("ls", help="list every name a recipe can choose: merge methods, benchmark kinds and their "
                    "metrics, surrogates, built-in corpora")
     e = sub.add_parser("export", help="write the merge at one alpha as a Hugging Face directory, with the "
-                       "mergekit YAML of the same merge")
+                       "mergekit YAML of the same merge; or the proposed mixture for a trainer (--format)")
     e.add_argument("run", help="run directory, or the recipe YAML file of the run")
+    e.add_argument("--format", default="model", choices=["model", "megatron", "json", "yaml"],
+                   help="model: the merged model (default); megatron: Megatron-LM's --data-path weights and "
+                   "prefixes; json, yaml: per-domain weights, tokens and epochs (written beside proposal.json)")
     e.add_argument("--alpha", default="proposal", help='proposal (alpha* of proposal.json), best (the best-scoring '
                    'trial) or a mixture such as "code=0.4,prose=0.6" (default proposal); with experts.replay the '
                    'merge weights differ from the mixture, and mergemix.json and the mergekit YAML hold them')
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             from mergemix.catalog import catalog
 
             print(catalog())
+            return 0
+        if args.command == "export" and args.format != "model":
+            from mergemix.pipelines.mixtures import write_mixture
+
+            print(f"wrote {write_mixture(args.run, args.format)}")
             return 0
         if args.command == "export":
             from mergemix.pipelines.export import export
