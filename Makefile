@@ -28,11 +28,11 @@ smollm2: install
 	$(VENV)/bin/mergemix propose recipes/smollm2.yaml
 
 test: install
-	$(VENV)/bin/ruff check mergemix tests benchmarks
+	$(VENV)/bin/ruff check mergemix tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check mergemix tests benchmarks
+	$(VENV)/bin/ruff check mergemix tests benchmarks examples
 
 clean:
 	rm -rf runs .pytest_cache

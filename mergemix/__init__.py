@@ -8,6 +8,9 @@ Public API (mirrors the CLI)::
     report = rank_consistency(load_recipe("recipes/demo.yaml"))  # real mixture runs vs the proxy
     print(report.summary())
 
+By stage, inside a training pipeline: `MixtureRun` (mergemix.api); the proposed mixture as a dataset to
+train on: `mixture_dataset` (mergemix.pipelines.mixtures).
+
 Names are imported on first use, so `import mergemix.recipe` (a recipe's validation) loads no torch.
 """
 
@@ -18,10 +21,12 @@ from typing import Any
 
 _PUBLIC = {
     "Consistency": "mergemix.report",
+    "MixtureRun": "mergemix.api",
     "MergemixError": "mergemix.errors",
     "Proposal": "mergemix.proposal",
     "Recipe": "mergemix.recipe",
     "load_recipe": "mergemix.recipe",
+    "mixture_dataset": "mergemix.pipelines.mixtures",
     "propose": "mergemix.pipelines.propose",
     "rank_consistency": "mergemix.report",
 }

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run", ("run",)),
     ("pipelines", ("pipelines",)),
     ("report", ("report",)),
-    ("interface", ("cli", "__main__", "__init__", "layers", "reference")),
+    ("interface", ("cli", "api", "__main__", "__init__", "layers", "reference")),
 )
 STAGES = ("data", "model", "merge", "evaluate", "search")
 

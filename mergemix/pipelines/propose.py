@@ -6,7 +6,7 @@ workspace (data → base → packed blocks) → experts → scoring session → 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,13 +56,15 @@ def propose(recipe: Recipe) -> Proposal | None:
     return done.proposal if done else None
 
 
-def propose_on(ws: Workspace, train: bool = True, strategy: str | None = None) -> ProposalWithSearch | None:
+def propose_on(ws: Workspace, train: bool = True, strategy: str | None = None,
+               on_trial: Callable[[Trial], None] | None = None) -> ProposalWithSearch | None:
     """Experts → search → mixture → proposal.json on the workspace `ws`. `strategy` overrides search.strategy;
     without `train` the experts must already be in the run directory. Under a launch every process takes
-    part and the main process returns the result, the others None. The model is the base again afterwards."""
+    part and the main process returns the result, the others None. The model is the base again afterwards.
+    `on_trial` sees every trial of the search as it is finished."""
     experts = expert_stage(ws, train)
     with scoring_session(ws, experts) as session:
-        return search_and_propose(ws, experts, session, strategy) if session else None
+        return search_and_propose(ws, experts, session, strategy, on_trial) if session else None
 
 
 def check_launch(recipe: Recipe) -> None:
@@ -98,7 +100,8 @@ def search_problem(ws: Workspace) -> Problem:
 
 
 def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSession,
-                   strategy: str | None = None) -> tuple[SearchResult, str]:
+                   strategy: str | None = None,
+                   on_trial: Callable[[Trial], None] | None = None) -> tuple[SearchResult, str]:
     """Search over `experts`, scored by `session`: the trials' result and the strategy that searched
     (`strategy`, else search.strategy; `auto` chosen by `choose_strategy`). The model is the base afterwards.
 
@@ -120,7 +123,7 @@ def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSes
                      ws.run_dir / SEARCH_FILE)
             return stored, name
         result = search_mixtures(problem, recipe.mixture, session.evaluate_alpha, ws.run_dir / "trials.jsonl",
-                                 eval_key, name, None if session.leads else session.differentiable())
+                                 eval_key, name, None if session.leads else session.differentiable(), on_trial)
         session.merger.restore()
         if not STRATEGIES.get(name).shared:
             write_json(ws.run_dir / SEARCH_FILE, {"key": key, "result": result.record()})
@@ -196,12 +199,13 @@ def free_memory(device: torch.device) -> int:
 
 
 def search_and_propose(ws: Workspace, experts: Sequence[Expert], session: ScoringSession,
-                 strategy: str | None = None) -> ProposalWithSearch:
+                       strategy: str | None = None,
+                       on_trial: Callable[[Trial], None] | None = None) -> ProposalWithSearch:
     """Search → mixture → proposal.json over `experts`, scored by `session` (the main process's, under a
     launch). The model is the base again afterwards."""
     recipe = ws.recipe
     names = recipe.domain_names
-    result, strategy = search_experts(ws, experts, session, strategy)
+    result, strategy = search_experts(ws, experts, session, strategy, on_trial)
     bounds = recipe.mixture.bounds(names, ws.available)
     real = None
     if recipe.search.verify_real:

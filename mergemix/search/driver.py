@@ -81,6 +81,7 @@ def search_stage(
     differentiable: GradientObjective | None = None,
     level: Level | None = None,
     tag: str = "",
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:
     """Search the problem's feasible set with `strategy` (a registered name) for the α maximizing the objective minus search.kl_weight × KL(α ‖ token prior).
     `evaluate_alpha` merges and scores one α (all zeros: the base itself). The references are always scored
@@ -89,7 +90,8 @@ def search_stage(
 
     With `level` the strategy searches the level's units (groups) from the level's own seed points (its
     vertices, uniform, prior and draws: search.seeds of them, all in its budget) and every point is its lift;
-    `tag` prefixes the ids and kinds of the strategy's trials (the stage that asked for them)."""
+    `tag` prefixes the ids and kinds of the strategy's trials (the stage that asked for them). `on_trial` is
+    called with every trial as it is finished (scored, or read from the log): a pipeline's progress."""
     spec, domains, bounds, prior, pull = problem.search, problem.domains, problem.bounds, problem.prior, problem.pull
     k = len(domains)
     units = level.units if level else domains
@@ -129,6 +131,8 @@ def search_stage(
         logged = trial_log.get(trial.alpha)
         if logged is None or logged.get("objective_key") != objective_key:
             trial_log.add({**trial.record(), "objective_key": objective_key})
+        if on_trial is not None:
+            on_trial(trial)
         return trial
 
     seeds = seed_points(prior, k + 2 if level else spec.seeds, spec.concentration, problem.seed)

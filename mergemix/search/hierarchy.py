@@ -55,15 +55,17 @@ def search_mixtures(
     eval_key: str,
     strategy: str,
     differentiable: GradientObjective | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:
     """Search the problem's mixtures with `strategy`: one `search_stage`, or top-down stages where `mixture`
     groups domains (mixture.groups, or mixture.reuse keeping the earlier ratios); the result's trials are
     every stage's (flat α), its star the best feasible of them, its ranking theirs merged. `differentiable`
-    serves the gradient strategy, which searches flat shares only."""
+    serves the gradient strategy, which searches flat shares only; `on_trial` sees every finished trial."""
     domains, bounds, prior, pull = problem.domains, problem.bounds, problem.prior, problem.pull
     level = level_of(mixture, domains, bounds, prior)
     if level is None:
-        return search_stage(problem, evaluate_alpha, log_path, eval_key, strategy, differentiable=differentiable)
+        return search_stage(problem, evaluate_alpha, log_path, eval_key, strategy, differentiable=differentiable,
+                            on_trial=on_trial)
     spec = problem.search
     if strategy == "gradient":
         raise MergemixError("search.strategy gradient searches flat shares: it does not take mixture.groups or "
@@ -90,9 +92,10 @@ def search_mixtures(
     results: list[SearchResult] = []
     if _free(level.bounds) > 0:
         results.append(search_stage(stage(0, 0, bounds), evaluate_alpha, log_path, eval_key, strategy,
-                                    level=level, tag="groups:"))
+                                    level=level, tag="groups:", on_trial=on_trial))
     elif not inner:  # nothing to search top-down
-        return search_stage(problem, evaluate_alpha, log_path, eval_key, strategy, differentiable=differentiable)
+        return search_stage(problem, evaluate_alpha, log_path, eval_key, strategy, differentiable=differentiable,
+                            on_trial=on_trial)
     # stage 1 has nothing to search when all groups but one are pinned: stage 2 starts from that point
     start = level.alpha(dict(zip(level.units, level.bounds.project(level.prior)[0].tolist(), strict=True)))
     best = results[0] if results else None
@@ -107,12 +110,13 @@ def search_mixtures(
                      "nothing to search within it", g, sum(current[domains[j]] for j in groups[g]))
             continue
         res = search_stage(stage(i, len(domains) + 2, fixed), evaluate_alpha, log_path, eval_key, strategy,
-                           tag=f"{g}:")
+                           tag=f"{g}:", on_trial=on_trial)
         results.append(res)
         if best is None or score(res.star) > score(best.star):
             best = res
     if best is None:  # every stage was left one point by the bounds: the flat search handles that case
-        return search_stage(problem, evaluate_alpha, log_path, eval_key, strategy, differentiable=differentiable)
+        return search_stage(problem, evaluate_alpha, log_path, eval_key, strategy, differentiable=differentiable,
+                            on_trial=on_trial)
     trials: dict[Any, Trial] = {}
     for res in results:
         for t in res.trials:
