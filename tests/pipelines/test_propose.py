@@ -201,7 +201,7 @@ def test_reweighting_the_objective_reuses_every_merge(micro_recipe_file: Path,
 
     calls = []
     score = Evaluator.__call__
-    monkeypatch.setattr(Evaluator, "__call__", lambda self, model: calls.append(1) or score(self, model))
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, model, share=None: calls.append(1) or score(self, model))
     second = propose(load_recipe(micro_recipe_file, ["evaluation.weights.coding=0"]))
 
     # the base and the 8 seeds come from the log; only verification candidates new to this objective
