@@ -644,7 +644,11 @@ class ReportSpec(_Model):
 
     mixtures: int = Field(
         12, ge=4, description="mixtures trained for real: the proposal, uniform, token-proportional, the `include` "
-        "list, then points spread over the simplex (greedy max-min distance among Dirichlet(1) draws)"
+        "list, then points spread over `space` (greedy max-min distance among Dirichlet(1) draws)"
+    )
+    space: Literal["feasible", "simplex"] = Field(
+        "feasible", description="where the spread points and `include` lie: within the mixture bounds (max_epochs "
+        "at the runs' token budget), the mixtures a run of this recipe could propose; or the whole simplex"
     )
     include: list[dict[str, float]] = Field(
         default_factory=list, description="mixtures of your own to train (domain -> weight, normalized to sum 1)"
@@ -683,6 +687,10 @@ class ReportSpec(_Model):
         if self.tokens is not None:
             return math.ceil(self.tokens / experts.tokens_per_step(seq_len))
         return 2 * experts.num_steps(seq_len)
+
+    def run_tokens(self, experts: ExpertSpec, seq_len: int) -> int:
+        """Tokens one mixture run trains on: the budget its repetition caps apply at."""
+        return self.num_steps(experts, seq_len) * experts.tokens_per_step(seq_len)
 
     def schedule(self, experts: ExpertSpec) -> tuple[float, int]:
         """The mixture runs' (learning rate, warmup steps): the report's own, else the experts'."""

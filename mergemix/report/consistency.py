@@ -38,6 +38,7 @@ from mergemix.report.interference import dominance_warnings, interference_gamma,
 from mergemix.report.metrics import agreement, finite, fmt, partial_spearman, spearman
 from mergemix.report.render import Consistency, write_report
 from mergemix.report.targets import Target, targets
+from mergemix.report.verdict import verdict
 from mergemix.run.experts import Expert, general_probs
 from mergemix.run.mixture_runs import Mixture, choose_mixtures, mixture_run, run_key
 from mergemix.run.scoring import ScoringSession, scoring_session
@@ -68,11 +69,11 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
             proposed = search_and_propose(ws, experts, session)
             (ws.run_dir / "report").mkdir(exist_ok=True)
             with ws.timings.stage("proxies"):
-                mixtures = choose_mixtures(recipe, prior, proposed.proposal.alpha_star)
+                mixtures = choose_mixtures(recipe, prior, proposed.proposal.alpha_star, ws.available)
                 proxies = _proxies(ws, experts, proposed, mixtures, session)
     process_state(recipe.device).wait_for_everyone()  # the main process has searched and written proposal.json
     star = proposed.proposal.alpha_star if proposed else read_json(ws.run_dir / "proposal.json")["alpha_star"]
-    mixtures = choose_mixtures(recipe, prior, star)
+    mixtures = choose_mixtures(recipe, prior, star, ws.available)
     with ws.timings.stage("mixture runs"):
         runs = _truth(ws, proposed, mixtures)
     if proposed is None:
@@ -105,6 +106,7 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
         warnings += dominance_warnings(np.array(interference["gamma"]), names, np.array(interference["cosine"]))
     data["compute"] = _compute(ws, experts, proposed, runs)
     data["warnings"] = warnings
+    data["verdict"] = verdict(data)
     result = Consistency(data, warnings)
     with ws.timings.stage("render"):
         write_report(result, report_dir)

@@ -28,7 +28,8 @@ class Consistency:
     def summary(self) -> str:
         """The agreement table, one line per target: merge ρ against the mean of the seeds [95% over
         mixtures], merge ρ against one seed beside the noise ceiling, the no-merge predictors' ρ."""
-        lines = [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'1 seed':>8}{'ceiling':>9}{'interp':>8}"
+        lines = [self.data["verdict"], ""]
+        lines += [f"{'target':<28}{'merge rho':>10}{'95% (mixtures)':>17}{'1 seed':>8}{'ceiling':>9}{'interp':>8}"
                  f"{'tok-KL':>8}{'log-prior':>10}{'partial':>9}"]
         for name, t in self.data["targets"].items():
             m = t["merge"]
@@ -250,7 +251,7 @@ def write_report(result: Consistency, report_dir: Path) -> None:
              "compare it with the merge's ρ against one seed. Against the mean of the seeds, which is less noisy, "
              "a good proxy can exceed it. Intervals: 95% bootstrap over mixtures; 95% range under item noise "
              "(scores redrawn within their standard errors).")
-    md = [f"# Rank consistency\n\n{intro}\n"]
+    md = [f"# Rank consistency\n\n**{data['verdict']}**\n\n{intro}\n"]
     md += [f"- warning: {w}" for w in result.warnings]
     md += ["\n## Agreement with the real mixture runs\n", _md_table(*tables["agreement"]),
            "\n## Mixtures, ranked by the real runs\n", _md_table(*tables["ranks"]),
@@ -267,7 +268,8 @@ def write_report(result: Consistency, report_dir: Path) -> None:
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;
 margin:1em 0;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}td:first-child,
 th:first-child{{text-align:left}}.warning{{background:#fff3cd;padding:6px 10px;border-left:4px solid #e0a800}}
-img.figure{{max-width:100%}}</style></head><body><h1>Rank consistency</h1><p>{html.escape(intro)}</p>{warn}
+img.figure{{max-width:100%}}.verdict{{font-size:15px}}</style></head><body><h1>Rank consistency</h1>
+<p class="verdict"><strong>{html.escape(data["verdict"])}</strong></p><p>{html.escape(intro)}</p>{warn}
 <h2>Agreement with the real mixture runs</h2>{_html_table(*tables["agreement"], "agreement-table")}
 <h2>Mixtures, ranked by the real runs</h2>{_html_table(*tables["ranks"], "rank-table")}
 <h2>Compute</h2>{_html_table(*tables["compute"], "compute-table")}{imgs}</body></html>

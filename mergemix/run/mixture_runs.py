@@ -24,6 +24,8 @@ import torch
 from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.collective import is_main_process
 from mergemix.data.prepare import DomainBlocks
+from mergemix.errors import MergemixError
+from mergemix.feasible import Bounds
 from mergemix.model.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
 from mergemix.recipe import Recipe
 from mergemix.run.experts import precision_key
@@ -40,14 +42,35 @@ class Mixture:
     alpha: dict[str, float]
 
 
-def choose_mixtures(recipe: Recipe, prior: Sequence[float], star: dict[str, float]) -> list[Mixture]:
-    """The proposal, uniform, token-proportional and the user's mixtures, then points spread over the
-    simplex: each next one is the Dirichlet(1) draw farthest from every mixture already chosen. The
-    proposal is left out of the spread, so that a new proposal does not move (and retrain) the others."""
+def report_bounds(recipe: Recipe, available: dict[str, int]) -> Bounds:
+    """The recipe's mixture bounds at the mixture runs' budget (report.steps x batch x seq_len tokens): the
+    repetition caps a run of that length is held to."""
+    run_tokens = recipe.report.run_tokens(recipe.experts, recipe.data.seq_len)
+    return recipe.mixture.model_copy(update={"total_tokens": run_tokens}).bounds(recipe.domain_names, available)
+
+
+def choose_mixtures(recipe: Recipe, prior: Sequence[float], star: dict[str, float],
+                    available: dict[str, int]) -> list[Mixture]:
+    """The proposal, uniform, token-proportional and the user's mixtures, then spread points: each next one
+    is the Dirichlet(1) draw farthest from every mixture already chosen. The proposal is left out of the
+    spread, so that a new proposal does not move (and retrain) the others.
+
+    With report.space feasible the draws are moved into the mixture bounds at the runs' budget
+    (`report_bounds`), and an `include` outside them is an error: every mixture but the baselines is one a
+    run of this recipe could propose. Where the feasible set holds fewer distinct points than
+    report.mixtures, a warning says so and the report trains those there are."""
     names = recipe.domain_names
     k = len(names)
+    bounds = report_bounds(recipe, available) if recipe.report.space == "feasible" else None
     fixed = [("proposal", [star[d] for d in names]), ("uniform", [1 / k] * k), ("token_prior", list(prior))]
-    fixed += [(f"include-{i}", [mix.get(d, 0.0) for d in names]) for i, mix in enumerate(recipe.report.include)]
+    for i, mix in enumerate(recipe.report.include):
+        vec = [mix.get(d, 0.0) for d in names]
+        broken = bounds.outside(as_alpha(names, vec)) if bounds is not None else {}
+        if broken:
+            raise MergemixError(f"report.include[{i}]: {as_alpha(names, vec)} breaks the mixture bounds at the "
+                                f"runs' budget ({'; '.join(f'{d} {w}' for d, w in broken.items())}); change it, or "
+                                "set report.space: simplex")
+        fixed.append((f"include-{i}", vec))
     chosen: list[Mixture] = []
     for label, vec in fixed:
         mix = Mixture(label, as_alpha(names, vec))
@@ -57,10 +80,16 @@ def choose_mixtures(recipe: Recipe, prior: Sequence[float], star: dict[str, floa
         else:
             log.info("mixture %s equals %s; trained once", label, twin.label)
     pool = np.random.default_rng([recipe.seed, 4]).dirichlet(np.ones(k), size=SPREAD_POOL)
+    if bounds is not None and not bounds.unconstrained:
+        pool = np.unique(np.round(bounds.project(pool), 6), axis=0)
     points = np.array([[m.alpha[d] for d in names] for m in chosen if m.label != "proposal"])
     dist = np.min(np.linalg.norm(pool[:, None, :] - points[None], axis=-1), axis=1)
     while len(chosen) < recipe.report.mixtures:
         i = int(np.argmax(dist))
+        if dist[i] < 1e-6:
+            log.warning("report: the feasible set holds only %d distinct mixtures, not report.mixtures = %d; "
+                        "training those", len(chosen), recipe.report.mixtures)
+            break
         chosen.append(Mixture(f"spread-{len(chosen)}", as_alpha(names, pool[i])))
         dist = np.minimum(dist, np.linalg.norm(pool - pool[i], axis=1))
     return chosen

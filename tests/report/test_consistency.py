@@ -4,6 +4,7 @@ real browser, and a report killed mid-way that resumes without losing finished m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -60,7 +61,8 @@ def test_mixtures_include_the_fixed_points_then_spread(micro_data: dict[str, Any
     d["report"] = {"mixtures": 8, "include": [{"math": 3, "code": 1}]}
     recipe = recipe_from_dict(d)
     star = {"math": 0.5, "prose": 0.3, "code": 0.2}
-    mixes = choose_mixtures(recipe, (0.2, 0.3, 0.5), star)
+    plenty = dict.fromkeys(recipe.domain_names, 10**6)
+    mixes = choose_mixtures(recipe, (0.2, 0.3, 0.5), star, plenty)
     assert [m.label for m in mixes[:4]] == ["proposal", "uniform", "token_prior", "include-0"]
     assert mixes[3].alpha == {"math": 0.75, "prose": 0.0, "code": 0.25}
     assert len(mixes) == 8 and all(abs(sum(m.alpha.values()) - 1) < 1e-5 for m in mixes)
@@ -68,8 +70,37 @@ def test_mixtures_include_the_fixed_points_then_spread(micro_data: dict[str, Any
     gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(8, 1)]
     assert gaps.min() > 0.1  # spread: no two mixtures nearly the same
     # a proposal equal to uniform is trained once
-    same = choose_mixtures(recipe, (0.2, 0.3, 0.5), dict.fromkeys(recipe.domain_names, 1 / 3))
+    same = choose_mixtures(recipe, (0.2, 0.3, 0.5), dict.fromkeys(recipe.domain_names, 1 / 3), plenty)
     assert [m.label for m in same[:3]] == ["proposal", "token_prior", "include-0"]
+
+
+def test_report_mixtures_respect_the_caps_at_the_runs_budget(micro_data: dict[str, Any], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A small domain held to max_epochs: every mixture the report spreads or includes repeats it at most
+    max_epochs times at the runs' budget (2 x 6 steps x 8 x 32 = 3,072 tokens); report.space simplex is the
+    whole simplex again."""
+    d = micro_recipe_dict(micro_data, tmp_path / "run", tmp_path / "cache")
+    d["mixture"] = {"total_tokens": 100000, "max_epochs": 4}
+    d["report"] = {"mixtures": 12}
+    available = {"math": 300, "prose": 50000, "code": 50000}  # math: at most 4 x 300 / 3,072 = 0.39
+    star = {"math": 0.3, "prose": 0.3, "code": 0.4}
+    mixes = choose_mixtures(recipe_from_dict(d), (0.2, 0.4, 0.4), star, available)
+    assert len(mixes) == 12
+    epochs = {m.label: m.alpha["math"] * 3072 / 300 for m in mixes}
+    assert all(e <= 4 + 1e-4 for label, e in epochs.items() if label not in ("uniform", "token_prior")), epochs
+    simplex = choose_mixtures(recipe_from_dict({**d, "report": {"mixtures": 12, "space": "simplex"}}),
+                              (0.2, 0.4, 0.4), star, available)
+    assert max(m.alpha["math"] * 3072 / 300 for m in simplex if m.label.startswith("spread")) > 4
+    with pytest.raises(MergemixError, match=r"report.include\[0\]: .* breaks the mixture bounds at the runs' "
+                                            r"budget \(math above max_epochs .*set report.space: simplex"):
+        choose_mixtures(recipe_from_dict({**d, "report": {"include": [{"math": 1.0}]}}), (0.2, 0.4, 0.4), star,
+                        available)
+    # a feasible set too small for report.mixtures distinct points: said, and what there is is used
+    pinned = {**d, "mixture": {"total_tokens": 100000, "pinned": {"math": 0.2, "prose": 0.4}}}
+    with caplog.at_level(logging.WARNING, logger="mergemix.run.mixture_runs"):
+        few = choose_mixtures(recipe_from_dict(pinned), (0.2, 0.4, 0.4), {"math": 0.2, "prose": 0.4, "code": 0.4},
+                              available)
+    assert len(few) < 12 and "the feasible set holds only" in caplog.text
 
 
 def test_report_says_when_the_proposal_is_not_compared_like_for_like(micro_data: dict[str, Any],
@@ -167,6 +198,12 @@ def test_report_writes_every_artifact(micro_report: Path) -> None:
         assert -1 <= objective[predictor]["spearman"] <= 1
     assert objective["ceiling"] is not None and len(data["mixtures"][0]["truth_seeds"]) == 2
     assert "domain's held-out text" in data["targets"]["capability:math"]["log_prior_basis"]
+    # the verdict leads all three formats
+    assert data["verdict"].startswith("Verdict: ") and "Ranking: the merge ranked the 6 real mixtures" in data["verdict"]
+    assert f"**{data['verdict']}**" in (micro_report / "report.md").read_text()
+    import html
+
+    assert html.escape(data["verdict"]) in (micro_report / "index.html").read_text()
     assert "uniform" in data["targets"]["capability:coding"]["log_prior_basis"]
     inter = data["interference"]
     assert np.allclose(np.diag(inter["cosine"]), 1.0, atol=1e-3)
@@ -256,3 +293,26 @@ def test_one_seed_gives_no_ceiling_and_no_noise_warning(micro_data: dict[str, An
     assert entry["merge"]["spearman_one_seed"] == pytest.approx(1.0)
     assert entry["partial_merge_given_interpolation"] is None  # merge and interpolation are the same ranking
     json.dumps(entry, allow_nan=False)  # every number is finite or null
+
+
+def _verdict_data(merge: float, interpolation: float, proposal: list[float]) -> dict[str, Any]:
+    target = {"merge": {"spearman": merge, "spearman_ci_mixtures": [merge - 0.3, min(merge + 0.2, 1.0)]},
+              "interpolation": {"spearman": interpolation}, "token_closeness": {"spearman": 0.1},
+              "log_prior": {"spearman": None}, "ceiling": 0.9}
+    real = {"proposal": {"mean": float(np.mean(proposal)), "seeds": proposal},
+            "uniform": {"mean": 0.05, "seeds": [0.04, 0.06]}, "token_prior": {"mean": 0.02, "seeds": [0.01, 0.03]}}
+    return {"targets": {"objective": target}, "mixtures": [{}] * 12, "trained_for_real": real}
+
+
+def test_the_verdict_says_no_yes_and_partly_with_the_intervals() -> None:
+    from mergemix.report.verdict import verdict
+
+    no = verdict(_verdict_data(0.3, 0.6, [0.0, 0.02]))
+    assert no.startswith("Verdict: no. Ranking: the merge ranked the 12 real mixtures no better than the best "
+                         "predictor that trains nothing (merge ρ 0.30 [0.00, 0.50] against interpolation 0.60, "
+                         "noise ceiling 0.90)")
+    assert "not beating uniform 0.050 (-0.040 ±" in no and "token-proportional 0.020 (-0.010 ±" in no
+    yes = verdict(_verdict_data(0.8, 0.6, [0.30, 0.32]))
+    assert yes.startswith("Verdict: yes. ") and "inside that interval" in yes and "beating uniform" in yes
+    assert "within the seeds' noise" not in yes  # +0.26 with seeds 0.02 apart: beyond it
+    assert verdict(_verdict_data(0.8, 0.6, [0.0, 0.02])).startswith("Verdict: partly. ")
