@@ -75,10 +75,10 @@ def _broadcast(command: Any = None) -> Any:
     return box[0]
 
 
-def tell(method: str, alpha: dict[str, float]) -> None:
-    """On the main process, before it merges with `alpha` and evaluates by its scoring's `method`: the other
-    processes (in `follow`) do the same."""
-    _broadcast((method, alpha))
+def tell(method: str, payload: Any) -> None:
+    """On the main process, before it calls its scoring's `method` with `payload` (a mixture to merge and
+    evaluate, or a gradient step's inputs): the other processes (in `follow`) make the same call."""
+    _broadcast((method, payload))
 
 
 @contextmanager
@@ -92,12 +92,12 @@ def leading() -> Iterator[None]:
 
 
 def follow(scoring: Any) -> int:
-    """On every other process: make each merge and evaluation the main process tells of, by the same method
-    of `scoring` (the results are dropped), until it says stop; returns how many."""
+    """On every other process: make each call the main process tells of (merges and evaluations, gradient
+    steps) on `scoring`, the results dropped, until it says stop; logs and returns how many evaluations."""
     n = 0
     while (command := _broadcast()) is not None:
-        method, alpha = command
-        getattr(scoring, method)(alpha)
-        n += 1
+        method, payload = command
+        getattr(scoring, method)(payload)
+        n += method in ("evaluate_alpha", "items_at")
     log.info("followed the main process's search: %d evaluations", n)
     return n

@@ -490,6 +490,10 @@ class SearchSpec(_Model):
         4, ge=1, description="strategy gradient: points along the descent verified by real merge + evaluation, "
         "evenly spaced, the last one its end point (its start point is verified too)"
     )
+    launch: Literal["auto", "sharded", "data_parallel"] = Field(
+        "auto", description="the search under a multi-process launch: sharded (FSDP2: each process holds 1/N of "
+        "base and task vectors) or data_parallel (each holds all; gradient runs); auto: data_parallel if it fits"
+    )
     gradient_start: Literal["prior", "uniform", "best"] = Field(
         "prior", description="strategy gradient: start point: the token-proportional mix, uniform (both moved "
         "into the bounds), or the best-scoring feasible reference (vertices, uniform, token prior)"

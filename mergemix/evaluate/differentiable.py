@@ -25,6 +25,7 @@ import torch
 from torch.func import functional_call
 
 from mergemix.catalog import BENCHMARK_KINDS, DIFFERENTIABLE
+from mergemix.collective import Share
 from mergemix.errors import MergemixError
 from mergemix.evaluate.kinds import (
     Benchmark,
@@ -141,9 +142,13 @@ class GradientObjective:
         self.weights = {n: c / total for n, c in coef.items()}
         return self.weights
 
-    def __call__(self, alpha: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, alpha: torch.Tensor, batch: int, generator: torch.Generator,
+                 share: Share | None = None) -> torch.Tensor:
         """The estimate at `alpha` (a scalar tensor, higher is better) on `batch` random items per benchmark
-        (all of them when `batch` is 0 or above their count); `prepare` first."""
+        (all of them when `batch` is 0 or above their count); `prepare` first. With `share` (rank, N), every
+        process of a launch draws the same items and scores its share of them (items rank, rank + N, ...): its
+        part of the estimate, which summed over the processes is the whole one."""
+        rank, world = share or (0, 1)
         objective = self.objective
         assert objective is not None, "prepare(objective) first"
         params = {n: t.to(self.dtypes[n]) for n, t in self.merged_state(alpha).items()}
@@ -160,9 +165,16 @@ class GradientObjective:
             items = list(range(n)) if not batch or batch >= n else \
                 sorted(torch.randperm(n, generator=generator)[:batch].tolist())
             metric = bench.spec.objective_metric
-            value = kind.metric(bench, forward, metric, items, self.max_len)
             sign = 1.0 if BENCHMARK_KINDS.get(bench.spec.kind).higher_is_better[metric] else -1.0
             lo, hi = objective.refs[name]
             span = hi - lo if abs(hi - lo) > 1e-9 else 1.0
-            total = total + w * (sign * value - lo) / span
+            if world == 1:
+                total = total + w * (sign * kind.metric(bench, forward, metric, items, self.max_len) - lo) / span
+                continue
+            mine = items[rank::world]
+            if mine:  # the mean over these items, weighted by their part of all the items drawn
+                value = kind.metric(bench, forward, metric, mine, self.max_len)
+                total = total + w * sign * value * (len(mine) / len(items)) / span
+            if rank == 0:
+                total = total - w * lo / span
         return total

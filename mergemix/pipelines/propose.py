@@ -22,7 +22,7 @@ from mergemix.feasible import Bounds
 from mergemix.proposal import Margin, Proposal, Scored, Signal
 from mergemix.recipe import EvalSpec, MixtureSpec, Recipe
 from mergemix.run.experts import Expert, general_probs, train_experts
-from mergemix.run.scoring import ScoringSession, scoring_session
+from mergemix.run.scoring import ScoringSession, free_memory, scoring_session
 from mergemix.run.workspace import Workspace, evaluation_key, open_workspace
 from mergemix.search.driver import Problem
 from mergemix.search.hierarchy import search_mixtures
@@ -71,16 +71,16 @@ def check_launch(recipe: Recipe) -> None:
     """What a multi-process launch cannot search, refused in one line before anything trains:
     `search.verify_real` trains its runs inside the search, on the main process alone, where the other
     processes cannot join them; the gradient strategy differentiates through the whole merged weights, which
-    no process holds in a launch's sharded search."""
+    no process holds in a launch's sharded search (search.launch sharded)."""
     n = processes()
     if n > 1 and recipe.search.verify_real:
         raise MergemixError(f"search.verify_real: its real runs train inside the search, on the main process "
                             f"alone, which a launch of {n} processes cannot do yet; set search.verify_real "
                             "0 for the launch, or run as one process")
-    if n > 1 and recipe.search.strategy == "gradient":
-        raise MergemixError(f"search.strategy: gradient needs the whole merged model on one process, and a launch "
-                            f"of {n} processes searches a sharded one; choose another strategy for the launch, or "
-                            "run as one process")
+    if n > 1 and recipe.search.strategy == "gradient" and recipe.search.launch == "sharded":
+        raise MergemixError(f"search.strategy: gradient needs the whole merged model in every process, and "
+                            f"search.launch sharded splits it over the {n} processes; set search.launch "
+                            "data_parallel (or auto), or choose another strategy")
 
 
 def expert_stage(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> list[Expert]:
@@ -114,7 +114,11 @@ def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSes
         name = strategy or recipe.search.strategy
         if name == "auto":
             staged = level_of(recipe.mixture, problem.domains, problem.bounds, problem.prior) is not None
-            name = choose_strategy(recipe.evaluation, ws.model, staged)
+            name = choose_strategy(recipe.evaluation, ws.model, staged, session.sharded)
+        if name == "gradient" and session.sharded:
+            raise MergemixError("search.strategy: gradient needs the whole merged model in every process, and this "
+                                "launch's search is sharded (the whole merger does not fit a process: "
+                                "search.launch auto); choose another strategy for the launch")
         eval_key = evaluation_key(ws, experts)
         key = search_key(problem, recipe.mixture, eval_key, name)
         stored = _stored_search(ws.run_dir / SEARCH_FILE, key, problem)
@@ -123,7 +127,7 @@ def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSes
                      ws.run_dir / SEARCH_FILE)
             return stored, name
         result = search_mixtures(problem, recipe.mixture, session.evaluate_alpha, ws.run_dir / "trials.jsonl",
-                                 eval_key, name, None if session.leads else session.differentiable(), on_trial)
+                                 eval_key, name, None if session.sharded else session.differentiable(), on_trial)
         session.merger.restore()
         if not STRATEGIES.get(name).shared:
             write_json(ws.run_dir / SEARCH_FILE, {"key": key, "result": result.record()})
@@ -162,17 +166,18 @@ def _stored_search(path: Path, key: str, problem: Problem) -> SearchResult | Non
         return None
 
 
-def choose_strategy(evaluation: EvalSpec, model: torch.nn.Module, staged: bool) -> str:
+def choose_strategy(evaluation: EvalSpec, model: torch.nn.Module, staged: bool, sharded: bool = False) -> str:
     """What search.strategy `auto` searches with: `gradient` where it can run, else `surface`; the choice and
     its reason are logged. Gradient is the default because its proposal trained best on both testbeds
-    (docs/fidelity.md, "Rank consistency on both testbeds"); it needs the whole merged model in one process,
+    (docs/fidelity.md, "Rank consistency on both testbeds"); it needs the whole merged model in every process
+    (not `sharded`: a launch's sharded search),
     flat shares (not `staged`: mixture.groups or reuse keeping ratios), every weighted benchmark
     differentiable (perplexity, multiple_choice: the descent would leave the others out), and memory beside
     the merger for the merged parameters and their gradients (fp32, plus a cast copy for a model below it)."""
     why = None
     weighted = [b for b in evaluation.benchmarks if evaluation.weight(b.capability) > 0]
     flat = [b.name for b in weighted if b.kind not in DIFFERENTIABLE]
-    if processes() > 1:
+    if sharded:
         why = f"a launch of {processes()} processes searches a sharded model"
     elif staged:
         why = "the search is staged (mixture.groups or mixture.reuse), and gradient searches flat shares"
@@ -187,15 +192,6 @@ def choose_strategy(evaluation: EvalSpec, model: torch.nn.Module, staged: bool) 
     chosen = "surface" if why else "gradient"
     log.info("search.strategy auto: %s%s", chosen, f" ({why})" if why else "")
     return chosen
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def search_and_propose(ws: Workspace, experts: Sequence[Expert], session: ScoringSession,

@@ -1,13 +1,17 @@
 """A scoring session: the run's experts merged in place on its model at any mixture, and scored.
 
 `scoring_session` opens one for a search and what follows it (the proposal's margins, the report's merged
-proxies). Under a multi-process launch the model is sharded (mergemix.collective) and the main process's
-session leads: every merge and evaluation it makes is made by the other processes with it, in step.
+proxies). Under a multi-process launch the main process's session leads: every merge, evaluation and gradient
+step it makes is made by the other processes with it, in step (mergemix.collective), each scoring its share of
+the items. The model is either sharded (FSDP2: each process holds 1/N of base and task vectors) or, where the
+whole merger fits every process, kept whole (data-parallel: no collective forward passes, and the gradient
+strategy runs, its gradients summed over the processes).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ from mergemix.collective import (
     shard_model,
     tell,
 )
-from mergemix.evaluate import EvalContext, Evaluator, Items
+from mergemix.evaluate import EvalContext, Evaluator, Items, Objective
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.lazy import checkpoint_state
@@ -52,6 +56,8 @@ class ScoringSession:
     replay: torch.Tensor | None = None
     # a launch's collective session: this process's share of every benchmark's items (None: all of them)
     share: Share | None = None
+    sharded: bool = False  # the model is sharded over the launch's processes: no gradient strategy
+    _estimate: GradientObjective | None = None  # this process's differentiable objective (strategy gradient)
 
     def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
         """Merge the experts for mixture `alpha` (domain → share; at its merge weights, `replay`) into the model
@@ -77,16 +83,67 @@ class ScoringSession:
         """The model is the base again, and the merger's copies are freed (`InPlaceMerger.close`)."""
         self.merger.close()
 
-    def differentiable(self) -> GradientObjective:
-        """The objective as a function differentiable in the mixture α (strategy gradient)."""
-        if self.replay is None:
-            return GradientObjective(self.evaluator.benchmarks, self.model, self.merger.merged_state)
-        m = self.replay
+    def differentiable(self) -> GradientObjective | CollectiveGradient:
+        """The objective as a function differentiable in the mixture α (strategy gradient); under a
+        data-parallel launch, summed over the processes' shares of the items."""
+        return self.estimate() if self.share is None else CollectiveGradient(self)
 
-        def merged_state(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.merger.merged_state(m.to(alpha) @ alpha)
+    def estimate(self) -> GradientObjective:
+        """This process's differentiable objective, built once."""
+        if self._estimate is None:
+            m = self.replay
 
-        return GradientObjective(self.evaluator.benchmarks, self.model, merged_state)
+            def merged_state(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+                return self.merger.merged_state(alpha if m is None else m.to(alpha) @ alpha)
+
+            self._estimate = GradientObjective(self.evaluator.benchmarks, self.model,
+                                               self.merger.merged_state if m is None else merged_state)
+        return self._estimate
+
+    def prepare_gradient(self, objective: Objective) -> dict[str, float]:
+        return self.estimate().prepare(objective)
+
+    def gradient_at(self, step: GradientStep) -> tuple[float, list[float], torch.Tensor]:
+        """This process's part of the estimate at α and its gradient, summed over the processes (all-reduce):
+        (the whole estimate, its gradient in α, the generator's state after the draws)."""
+        alpha_values, batch, state = step
+        alpha = torch.tensor(alpha_values, dtype=torch.float32, requires_grad=True)
+        generator = torch.Generator()
+        generator.set_state(state)
+        with torch.enable_grad():
+            part = self.estimate()(alpha, batch, generator, self.share)
+            if part.requires_grad:
+                part.backward()
+        grad = alpha.grad if alpha.grad is not None else torch.zeros_like(alpha)
+        total = torch.cat([part.detach().reshape(1).double().cpu(), grad.double().cpu()])
+        torch.distributed.all_reduce(total)
+        return total[0].item(), total[1:].tolist(), generator.get_state()
+
+
+GradientStep = tuple[list[float], int, torch.Tensor]  # α, items drawn per benchmark, the generator's state
+
+
+class CollectiveGradient:
+    """The gradient strategy's objective under a data-parallel launch, called on the main process: each call
+    is made by every process (`tell`, `follow`), each estimating on its share of the same drawn items, and
+    the values and gradients are summed (all-reduce). Its result is a tensor whose value is the sum and
+    whose gradient in α is the summed gradient, so the strategy's Adam step runs as in one process."""
+
+    def __init__(self, session: ScoringSession) -> None:
+        self.session = session
+        self.model = session.model
+
+    def prepare(self, objective: Objective) -> dict[str, float]:
+        tell("prepare_gradient", objective)
+        return self.session.prepare_gradient(objective)
+
+    def __call__(self, alpha: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+        step = (alpha.detach().tolist(), batch, generator.get_state())
+        tell("gradient_at", step)
+        value, grad, state = self.session.gradient_at(step)
+        generator.set_state(state)  # as far on as the draws took the processes' generators
+        linear = (alpha * torch.tensor(grad, dtype=alpha.dtype)).sum()
+        return linear - linear.detach() + value
 
 
 def replay_of(ws: Workspace) -> torch.Tensor | None:
@@ -132,9 +189,11 @@ def scoring_session(ws: Workspace, experts: Sequence[Expert]) -> Iterator[Scorin
         finally:
             session.close()
         return
-    shard_model(ws.model)
+    sharded = launch_mode(ws, len(experts)) == "sharded"
+    if sharded:
+        shard_model(ws.model)
     session = open_scoring(ws, experts)
-    session.share = launch_share()
+    session.share, session.sharded = launch_share(), sharded
     if is_main_process():
         session.leads = True
         with leading():
@@ -142,6 +201,35 @@ def scoring_session(ws: Workspace, experts: Sequence[Expert]) -> Iterator[Scorin
     else:
         follow(session)
         yield None
-    session.close()  # the sharded merger's copies, before the whole base is read
-    log.info("the search is done: reading the whole base again for the stages that follow")
-    ws.reload_model()
+    session.close()  # the merger's copies, before the whole base is read
+    if sharded:
+        log.info("the search is done: reading the whole base again for the stages that follow")
+        ws.reload_model()
+
+
+def launch_mode(ws: Workspace, k: int) -> str:
+    """search.launch, with auto resolved: data_parallel where every process can hold the whole merger (a copy
+    of the base and K task vectors) and the descent's parameters and gradients beside its model, the
+    device's free memory shared by the processes on it; else sharded. The choice is logged."""
+    if ws.recipe.search.launch != "auto":
+        log.info("search under a launch of %d processes: %s (search.launch)", processes(), ws.recipe.search.launch)
+        return ws.recipe.search.launch
+    params = list(ws.model.parameters())
+    size = sum(p.numel() for p in params)
+    need = size * (params[0].element_size() * (k + 1) + 8)
+    device = params[0].device
+    sharing = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", processes()))
+    free = free_memory(device) / sharing
+    mode = "data_parallel" if need < 0.8 * free else "sharded"
+    log.info("search under a launch of %d processes: %s (the whole merger needs %.1f GiB a process, %.1f GiB "
+             "free)", processes(), mode, need / 2**30, free / 2**30)
+    return mode
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return int(psutil.virtual_memory().available)

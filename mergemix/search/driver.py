@@ -66,7 +66,8 @@ def study_name(problem: Problem, strategy: str, eval_key: str, bounds: Bounds, l
     own = {f for f in SearchSpec.model_fields if f.startswith("gradient_")}
     key = stable_hash([eval_key, problem.evaluation.model_dump(mode="json", exclude={"batch_size"}),
                        problem.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
-                                                                       "surrogate_prior", "verify_real", *own}),
+                                                                       "surrogate_prior", "verify_real", "launch",
+                                                                       *own}),
                        bounds.lo.tolist(), bounds.hi.tolist(), problem.seed, *([level.key()] if level else [])])
     return f"{problem.name}-{strategy}-{key[:12]}" + (f"-{level.name}" if level else "")
 

@@ -127,17 +127,22 @@ def _trials(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
 
 
-def test_two_process_propose_searches_together_like_one_process(recipe_file: Path) -> None:
-    """`propose` under a 2-process launch searches with the base and task vectors sharded over both processes:
-    the main process alone writes trials and proposal, the other merges and evaluates every α in step
-    with it, and the trials and α* equal a one-process propose's. The experts are trained once, by the
-    one-process run (data-parallel training is equal only to float rounding), and reused by the launch."""
-    one, two = recipe_file.parent / "propose_one", recipe_file.parent / "propose_two"
+@pytest.mark.parametrize("launch", ["sharded", "data_parallel"])
+def test_two_process_propose_searches_together_like_one_process(recipe_file: Path, launch: str) -> None:
+    """`propose` under a 2-process launch searches together, the base and task vectors sharded over both
+    processes or whole in each: the main process alone writes trials and proposal, the other merges and
+    evaluates every α in step with it, each scoring half the items, and the trials and α* equal a one-process
+    propose's. The experts are trained once, by the one-process run (data-parallel training is equal only to
+    float rounding), and reused by the launch."""
+    one, two = recipe_file.parent / "propose_one", recipe_file.parent / f"propose_{launch}"
     cmd = ["-m", "mergemix", "propose", str(recipe_file)]
-    _run([sys.executable, *cmd, f"run_dir={one}"])
+    if not one.exists():
+        _run([sys.executable, *cmd, f"run_dir={one}"])
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "search.json", "proposal.json",
                                                                   "timings.json"))
-    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}", f"search.launch={launch}"])
+    assert log.count(f"search under a launch of 2 processes: {launch}") == 2
+    assert ("reading the whole base again" in log) == (launch == "sharded")
     assert log.count("stage search ...") == 1  # the main process runs the search, the other follows it
     assert log.count("wrote ") == 1  # the main process alone reports
     want, got = _trials(one), _trials(two)
@@ -158,6 +163,27 @@ def test_two_process_propose_searches_together_like_one_process(recipe_file: Pat
     star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
     star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
     assert star_two == pytest.approx(star_one, abs=1e-9)
+
+
+def test_the_gradient_strategy_runs_under_a_data_parallel_launch(recipe_file: Path) -> None:
+    """`search.strategy gradient` under a 2-process data-parallel launch: each process differentiates on its
+    half of every drawn batch and the gradients of α are summed, so the descent, its verified points and α*
+    are a one-process gradient search's to float tolerance."""
+    one, two = recipe_file.parent / "gradient_one", recipe_file.parent / "gradient_two"
+    cmd = ["-m", "mergemix", "propose", str(recipe_file), "search.strategy=gradient", "search.gradient_steps=6",
+           "search.gradient_batch=4", "search.gradient_verify=2"]
+    _run([sys.executable, *cmd, f"run_dir={one}"])
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "search.json", "proposal.json",
+                                                                  "timings.json"))
+    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}", "search.launch=data_parallel"])
+    assert log.count("gradient: 6 steps from") == 1  # the main process's descent, the other in step with it
+    want, got = _trials(one), _trials(two)
+    assert [t["kind"] for t in got] == [t["kind"] for t in want]
+    for a, b in zip(want, got, strict=True):
+        assert b["alpha"] == pytest.approx(a["alpha"], abs=2e-3), (a["kind"], a["alpha"], b["alpha"])
+    star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
+    star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
+    assert star_two == pytest.approx(star_one, abs=2e-3)
 
 
 def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
@@ -211,7 +237,8 @@ def test_fsdp_version_1_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) 
 def test_verify_real_and_gradient_are_refused_under_a_launch(micro_data: dict[str, Any], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """search.verify_real trains inside the main process's search, which the other processes cannot join, and
-    the gradient strategy needs the whole merged model, which no process of a sharded search holds: propose
+    the gradient strategy needs the whole merged model, which no process of a sharded search (search.launch
+    sharded) holds: propose
     and report under a launch refuse each in one line before anything is read or trained."""
     from mergemix.errors import MergemixError
     from mergemix.pipelines.propose import propose
@@ -224,9 +251,9 @@ def test_verify_real_and_gradient_are_refused_under_a_launch(micro_data: dict[st
     for command in (propose, rank_consistency):
         with pytest.raises(MergemixError, match="search.verify_real: .* a launch of 2 processes cannot do yet"):
             command(recipe)
-    gradient = recipe_from_dict({**d, "search": {**d["search"], "strategy": "gradient"}})
+    gradient = recipe_from_dict({**d, "search": {**d["search"], "strategy": "gradient", "launch": "sharded"}})
     for command in (propose, rank_consistency):
-        with pytest.raises(MergemixError, match="search.strategy: gradient .* a launch of 2 processes searches a "
-                                                "sharded one"):
+        with pytest.raises(MergemixError, match="search.strategy: gradient needs the whole merged model in every "
+                                                "process, and search.launch sharded splits it over the 2 processes"):
             command(gradient)
     assert not (tmp_path / "run").exists()

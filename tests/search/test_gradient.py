@@ -112,9 +112,8 @@ def test_auto_strategy_is_gradient_only_where_it_can_run(micro_recipe_file: Path
     with monkeypatch.context() as m:  # too little memory for the merged parameters and their gradients
         m.setattr(propose, "free_memory", lambda device: 1000)
         assert propose.choose_strategy(recipe.evaluation, model, staged=False) == "surface"
-    with monkeypatch.context() as m:
-        m.setenv("WORLD_SIZE", "2")  # a launch searches a sharded model
-        assert propose.choose_strategy(recipe.evaluation, model, staged=False) == "surface"
+    # a launch's sharded search holds no whole merged model
+    assert propose.choose_strategy(recipe.evaluation, model, staged=False, sharded=True) == "surface"
     # a weighted benchmark without a gradient (generation) would be left out of the descent: surface
     gen = tmp_path / "gen.jsonl"
     gen.write_text("".join(json.dumps({"question": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(4)))
