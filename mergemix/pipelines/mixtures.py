@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mergemix.artifacts import read_json, write_text
-from mergemix.data.readers import read_texts
+from mergemix.data.prepare import load_domain
 from mergemix.errors import MergemixError
 from mergemix.pipelines.export import resolve_run
 from mergemix.proposal import Proposal
@@ -70,8 +70,8 @@ def write_mixture(run_or_recipe: str | Path, fmt: str) -> Path:
 
 
 def mixture_dataset(run_or_recipe: str | Path, seed: int = 0) -> Any:  # -> datasets.IterableDataset
-    """The domains' documents (as the recipe reads them) as one IterableDataset (`text`, `domain`), drawn at
-    the proposal's ratios. A document is drawn with probability ∝ its domain's ratio / the domain's mean
+    """The domains' documents as the recipe reads them (deduplicated, within max_chars; every pool) as one
+    IterableDataset (`text`, `domain`), drawn at the proposal's ratios. A document is drawn with probability ∝ its domain's ratio / the domain's mean
     document length, so the characters drawn follow the ratios; each domain's stream is its documents
     repeated up to its proposed epochs, and the dataset ends when the first stream does (a domain is never
     repeated beyond its cap). Domains of ratio 0 are left out."""
@@ -85,10 +85,8 @@ def mixture_dataset(run_or_recipe: str | Path, seed: int = 0) -> Any:  # -> data
     for share in proposal.mixture:
         if share.ratio <= 0:
             continue
-        spec = specs[share.domain]
-        texts = [t for t in read_texts(spec.source, spec.format, spec.text_field, cache) if t.strip()]
-        if not texts:
-            raise MergemixError(f"domain {share.domain!r}: {spec.source} holds no text")
+        pools = load_domain(specs[share.domain], recipe.data.split, recipe.seed, cache).pools
+        texts = [t for pool in pools.values() for t in pool]
         docs = Dataset.from_dict({"text": texts, "domain": [share.domain] * len(texts)})
         cap = max(1, math.floor(share.epochs * len(texts)))  # documents in its stream: `epochs` passes
         stream = concatenate_datasets([docs] * math.ceil(cap / len(texts))).select(range(cap))
