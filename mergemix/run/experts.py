@@ -10,6 +10,9 @@ reused; one whose training was killed resumes from its checkpoint.
 
 Under a multi-process launch (accelerate launch, torchrun) every process trains its rows of each batch
 and the main process alone writes the expert.
+
+A domain of experts.checkpoints has its expert trained elsewhere: its directory is checked against the base
+(`check_given`) and taken as it is (`given_expert`), nothing written into it.
 """
 
 from __future__ import annotations
