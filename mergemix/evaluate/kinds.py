@@ -370,14 +370,14 @@ class MultipleChoice(Benchmark):
     """Each option is scored by the log-likelihood of its tokens in `context + " " + option`, the context
     being the item's question through `question_template`.
 
-    acc: the option with the highest total log-likelihood is right. acc_norm: the same, divided by the
-    option's length in characters (as lm-eval). score: mean log-probability per token of the correct
-    option minus the mean of that of the wrong options; margin: minus the best wrong one. Continuous, they
-    rank weak models far more stably than accuracy (docs/fidelity.md, "Sizing notes": ρ 0.64 vs
-    −0.03 between two trainings of the same mixtures). blank_ppl (BOSE, arXiv 2503.00812): each option is put into the blank of a cloze
-    text (the item's `blank`, else `blank_template`) and the completed text is scored by its mean
-    log-probability per token from the blank to the end, so the words after the blank weigh in; the best
-    is the model's answer. A blank at the very end scores the option alone, per token.
+    acc: the option with the highest total log-likelihood is right. acc_norm: the same, divided by the option's
+    length in characters (as lm-eval). score: mean log-probability per token of the correct option minus the
+    mean of that of the wrong options; margin: minus the best wrong one. Continuous, they rank weak models far
+    more stably than accuracy (docs/fidelity.md, "Sizing notes": ρ 0.64 vs −0.03 between two trainings of the
+    same mixtures). blank_ppl (BOSE, arXiv 2503.00812): each option is put into the blank of a cloze text (the
+    item's `blank`, else `blank_template`) and the completed text is scored by its mean log-probability per
+    token from the blank to the end, so the words after the blank weigh in; the best is the model's answer. A
+    blank at the very end scores the option alone, per token.
     """
 
     metrics = BENCHMARK_KINDS.meta("multiple_choice")["metrics"]

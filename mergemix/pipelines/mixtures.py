@@ -71,10 +71,12 @@ def write_mixture(run_or_recipe: str | Path, fmt: str) -> Path:
 
 def mixture_dataset(run_or_recipe: str | Path, seed: int = 0) -> Any:  # -> datasets.IterableDataset
     """The domains' documents as the recipe reads them (deduplicated, within max_chars; every pool) as one
-    IterableDataset (`text`, `domain`), drawn at the proposal's ratios. A document is drawn with probability ∝ its domain's ratio / the domain's mean
-    document length, so the characters drawn follow the ratios; each domain's stream is its documents
-    repeated up to its proposed epochs, and the dataset ends when the first stream does (a domain is never
-    repeated beyond its cap). Domains of ratio 0 are left out."""
+    IterableDataset (`text`, `domain`), drawn at the proposal's ratios. A document is drawn with
+    probability ∝ its domain's ratio / the domain's mean document length, so the characters drawn follow
+    the ratios; each domain's stream is its documents repeated up to its proposed epochs, and the dataset
+    ends when the first stream does (a domain is never repeated beyond its cap). Domains of ratio 0 are
+    left out.
+    """
     from datasets import Dataset, concatenate_datasets, interleave_datasets
 
     recipe = resolve_run(run_or_recipe)

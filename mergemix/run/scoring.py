@@ -116,7 +116,8 @@ class ScoringSession:
                 part.backward()
         grad = alpha.grad if alpha.grad is not None else torch.zeros_like(alpha)
         # on the model's device: the process group of a GPU launch (NCCL) reduces GPU tensors only
-        total = torch.cat([part.detach().reshape(1).double().cpu(), grad.double().cpu()]).to(next(self.model.parameters()).device)
+        total = torch.cat([part.detach().reshape(1).double().cpu(), grad.double().cpu()])
+        total = total.to(next(self.model.parameters()).device)
         torch.distributed.all_reduce(total)
         return total[0].item(), total[1:].tolist(), generator.get_state()
 

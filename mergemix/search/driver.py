@@ -84,15 +84,17 @@ def search_stage(
     tag: str = "",
     on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:
-    """Search the problem's feasible set with `strategy` (a registered name) for the α maximizing the objective minus search.kl_weight × KL(α ‖ token prior).
-    `evaluate_alpha` merges and scores one α (all zeros: the base itself). The references are always scored
-    but α* is chosen among feasible points only. `differentiable` estimates the objective differentiably in α
-    on the merged model (strategy gradient only; flat searches only, not a `level`).
+    """Search the problem's feasible set with `strategy` (a registered name) for the α maximizing the objective
+    minus search.kl_weight × KL(α ‖ token prior). `evaluate_alpha` merges and scores one α (all zeros:
+    the base itself). The references are always scored but α* is chosen among feasible points only.
+    `differentiable` estimates the objective differentiably in α on the merged model (strategy gradient
+    only; flat searches only, not a `level`).
 
     With `level` the strategy searches the level's units (groups) from the level's own seed points (its
     vertices, uniform, prior and draws: search.seeds of them, all in its budget) and every point is its lift;
     `tag` prefixes the ids and kinds of the strategy's trials (the stage that asked for them). `on_trial` is
-    called with every trial as it is finished (scored, or read from the log): a pipeline's progress."""
+    called with every trial as it is finished (scored, or read from the log): a pipeline's progress.
+    """
     spec, domains, bounds, prior, pull = problem.search, problem.domains, problem.bounds, problem.prior, problem.pull
     k = len(domains)
     units = level.units if level else domains
