@@ -86,6 +86,7 @@ def _proxy_agreement(ws: Any, experts: Any, objective: Any, d: dict[str, Any], s
     from mergemix.run.scoring import open_scoring
 
     s = open_scoring(ws, experts)
+    s.at_budget(ws.recipe.report.run_tokens(ws.recipe.experts, ws.recipe.data.seq_len))  # the runs' budget
     try:
         proxy = [objective(s.evaluate_alpha(m["alpha"]))[2] for m in d["mixtures"]]
     finally:

@@ -470,6 +470,14 @@ class SearchSpec(_Model):
         "best", description="alpha*: the best really evaluated point, or the mean of the top `top_k` of them"
     )
     top_k: int = Field(3, ge=1, description="points averaged when final = top_k_mean")
+    repetition: Literal["ignore", "discount"] = Field(
+        "ignore", description="discount: score each mixture by the merge at shares discounted for the data it repeats "
+        "(Muennighoff et al. 2023); ignore: as the merge sees it. Unmeasured lever: docs/fidelity.md"
+    )
+    repetition_r_star: float = Field(
+        15.4, gt=0, description="repetition discount: repetitions after which a repeated token's value has decayed "
+        "by 1/e (R*, Muennighoff et al. 2023's fit)"
+    )
     kl_weight: float = Field(
         0.0, ge=0, description="alpha* maximizes objective - kl_weight x KL(alpha || token-proportional mix) (nats): "
         "a pull toward the natural mix where the objective barely tells mixtures apart; 0 = none"

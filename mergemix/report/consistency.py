@@ -142,8 +142,12 @@ def _proxies(ws: Workspace, experts: list[Expert], proposed: ProposalWithSearch,
     """Raw scores of the merged proxy at every mixture: from the search where it scored the same α (the
     proposal, uniform, token-proportional), else merged by `s` and scored here and logged in
     report/proxies.jsonl."""
-    trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws, experts))
-    searched = {alpha_key(t.alpha): {"raw": t.raw} for t in proposed.search.trials}
+    run_tokens = ws.recipe.report.run_tokens(ws.recipe.experts, ws.recipe.data.seq_len)
+    trial_log = TrialLog(ws.run_dir / "report" / "proxies.jsonl", evaluation_key(ws, experts, run_tokens))
+    # the search's scores stand for these mixtures unless repetition is counted, at another budget there
+    searched = {} if ws.recipe.search.repetition == "discount" else {
+        alpha_key(t.alpha): {"raw": t.raw} for t in proposed.search.trials}
+    s.at_budget(run_tokens)  # repetition at the runs' budget, what the truth is trained at
     out = []
     try:
         for m in progress(mixtures, desc="merged proxies", leave=False):

@@ -32,6 +32,7 @@ from mergemix.evaluate import EvalContext, Evaluator, Items, Objective
 from mergemix.evaluate.differentiable import GradientObjective
 from mergemix.merge import InPlaceMerger
 from mergemix.merge.lazy import checkpoint_state
+from mergemix.merge.repetition import discounted
 from mergemix.merge.replay import merge_weights, replay_matrix
 from mergemix.model.train import AUTOCAST
 from mergemix.run.experts import Expert, general_probs, replay_share
@@ -57,6 +58,8 @@ class ScoringSession:
     # a launch's collective session: this process's share of every benchmark's items (None: all of them)
     share: Share | None = None
     sharded: bool = False  # the model is sharded over the launch's processes: no gradient strategy
+    # search.repetition discount: (budget in tokens, available tokens per domain in `names` order, R*); None: off
+    repetition: tuple[float, torch.Tensor, float] | None = None
     _estimate: GradientObjective | None = None  # this process's differentiable objective (strategy gradient)
 
     def evaluate_alpha(self, alpha: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -71,8 +74,24 @@ class ScoringSession:
         return self.evaluator.items(self.model, self.share)
 
     def weights(self, alpha: dict[str, float]) -> list[float]:
-        """The merge weights of mixture `alpha`, in the merger's order of experts."""
-        return merge_weights(self.replay, [alpha[d] for d in self.names])
+        """The merge weights of mixture `alpha`, in the merger's order of experts (discounted for repetition
+        first, with search.repetition)."""
+        shares = [alpha[d] for d in self.names]
+        if self.repetition is not None:
+            shares = self._discount(torch.tensor(shares, dtype=torch.float64)).tolist()
+        return merge_weights(self.replay, shares)
+
+    def at_budget(self, tokens: float) -> None:
+        """Count repetition at a budget of `tokens` from now on (the report's proxies: the runs' budget)."""
+        if self.leads:
+            tell("at_budget", tokens)
+        if self.repetition is not None:
+            self.repetition = (float(tokens), *self.repetition[1:])
+
+    def _discount(self, alpha: torch.Tensor) -> torch.Tensor:
+        assert self.repetition is not None
+        budget, available, r_star = self.repetition
+        return discounted(alpha, budget, available.to(alpha), r_star)
 
     def _merge(self, method: str, alpha: dict[str, float]) -> None:
         if self.leads:
@@ -94,10 +113,12 @@ class ScoringSession:
             m = self.replay
 
             def merged_state(alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-                return self.merger.merged_state(alpha if m is None else m.to(alpha) @ alpha)
+                shares = alpha if self.repetition is None else self._discount(alpha)
+                return self.merger.merged_state(shares if m is None else m.to(shares) @ shares)
 
+            plain = m is None and self.repetition is None
             self._estimate = GradientObjective(self.evaluator.benchmarks, self.model,
-                                               self.merger.merged_state if m is None else merged_state)
+                                               self.merger.merged_state if plain else merged_state)
         return self._estimate
 
     def prepare_gradient(self, objective: Objective) -> dict[str, float]:
@@ -171,7 +192,12 @@ def open_scoring(ws: Workspace, experts: Sequence[Expert]) -> ScoringSession:
     recipe = ws.recipe
     base_files = checkpoint_state(ws.base_path) if recipe.merge.stream else None
     merger = InPlaceMerger(ws.model, {e.domain: e.state() for e in experts}, recipe.merge, recipe.seed, base_files)
-    return ScoringSession(evaluator(ws), merger, ws.model, recipe.domain_names, replay=replay_of(ws))
+    repetition = None
+    if recipe.search.repetition == "discount":
+        available = torch.tensor([float(ws.available[d]) for d in recipe.domain_names], dtype=torch.float64)
+        repetition = (float(recipe.mixture.total_tokens), available, recipe.search.repetition_r_star)
+    return ScoringSession(evaluator(ws), merger, ws.model, recipe.domain_names, replay=replay_of(ws),
+                          repetition=repetition)
 
 
 @contextmanager

@@ -169,11 +169,16 @@ def benchmark_key(ws: Workspace) -> str:
     return stable_hash([ws.recipe.data.seq_len, benches, *([f"scored-{precision}"] if precision != "fp32" else [])])
 
 
-def evaluation_key(ws: Workspace, experts: Sequence[Expert]) -> str:
+def evaluation_key(ws: Workspace, experts: Sequence[Expert], budget: float | None = None) -> str:
     """What raw trial scores depend on: the experts, the merge method, the benchmarks and, with replay, that
-    an α is a mixture (its merge weights mapped by the replay matrix; before, α was the merge weights)."""
-    spec = ws.recipe.experts
+    an α is a mixture (its merge weights mapped by the replay matrix; before, α was the merge weights); with
+    search.repetition discount, the budget its epochs are counted at (default mixture.total_tokens) and R*."""
+    r = ws.recipe
+    spec = r.experts
     share = replay_share(spec)
     given = [["replay proportions", spec.replay_proportions]] if share > 0 and spec.replay_proportions else []
-    return stable_hash([[e.key for e in experts], ws.recipe.merge.key(), benchmark_key(ws),
-                        *([["replay weights", share]] if share > 0 else []), *given])
+    repetition = []
+    if r.search.repetition == "discount":
+        repetition = [["repetition", budget or r.mixture.total_tokens, ws.available, r.search.repetition_r_star]]
+    return stable_hash([[e.key for e in experts], r.merge.key(), benchmark_key(ws),
+                        *([["replay weights", share]] if share > 0 else []), *given, *repetition])

@@ -67,7 +67,7 @@ def study_name(problem: Problem, strategy: str, eval_key: str, bounds: Bounds, l
     key = stable_hash([eval_key, problem.evaluation.model_dump(mode="json", exclude={"batch_size"}),
                        problem.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
                                                                        "surrogate_prior", "verify_real", "launch",
-                                                                       *own}),
+                                                                       "repetition", "repetition_r_star", *own}),
                        bounds.lo.tolist(), bounds.hi.tolist(), problem.seed, *([level.key()] if level else [])])
     return f"{problem.name}-{strategy}-{key[:12]}" + (f"-{level.name}" if level else "")
 
