@@ -118,7 +118,9 @@ def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], 
         [blocks[d].content_hash for d in sorted(blocks)] if spec.replay > 0 else []
     )
     # lora counts only when set, so full experts keep the keys they had before the field existed
+    # experts trained elsewhere and their replay mix change no expert trained here
     training = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every", *spec.train_fields(),
+                                                     "checkpoints", "replay_proportions",
                                                      *(["lora"] if spec.lora is None else [])})
     return stable_hash([base_hash, data, training, spec.num_steps(recipe.data.seq_len), recipe.data.seq_len,
                         _seed(recipe.seed, domain), domain, *precision_key(recipe)])

@@ -64,7 +64,7 @@ def study_name(problem: Problem, strategy: str, eval_key: str, bounds: Bounds, l
     larger search.trials or timeout_s continues the same study), and the same stage of a hierarchical one."""
     # the gradient strategy's own fields (search.gradient_*) are no part of an optuna study
     own = {f for f in SearchSpec.model_fields if f.startswith("gradient_")}
-    key = stable_hash([eval_key, problem.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+    key = stable_hash([eval_key, problem.evaluation.model_dump(mode="json", exclude={"batch_size", "precision"}),
                        problem.search.model_dump(mode="json", exclude={"storage", "timeout_s", "strategy", "trials",
                                                                        "surrogate_prior", "verify_real", "launch",
                                                                        "repetition", "repetition_r_star", *own}),
@@ -106,7 +106,8 @@ def search_stage(
     trial_log = TrialLog(log_path, eval_key)
     # Derived scores depend on the objective's definition too: a trial scored under another one is re-used
     # (no merge, no evaluation) and logged again with its scores recomputed.
-    objective_key = stable_hash([problem.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+    # how scores are computed (batch size, precision: in eval_key when it changes them) is no part of the objective
+    objective_key = stable_hash([problem.evaluation.model_dump(mode="json", exclude={"batch_size", "precision"}),
                                  Objective.VERSION])
 
     def unit_penalty(points: np.ndarray) -> np.ndarray:

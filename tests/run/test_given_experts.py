@@ -51,6 +51,9 @@ def test_experts_given_as_checkpoints_give_the_same_trials_and_proposal(micro_re
     mixed = load_recipe(micro_recipe_file, [f"run_dir={tmp_path / 'mixed'}", _given({"math": given["math"]})])
     proposal = propose(mixed)
     assert sorted(p.name for p in (tmp_path / "mixed" / "experts").iterdir()) == ["code", "prose"]
+    for d in ("code", "prose"):  # the experts trained here keep the keys they have without any given
+        key = json.loads((tmp_path / "mixed" / "experts" / d / "manifest.json").read_text())["key"]
+        assert key == json.loads((run / "experts" / d / "manifest.json").read_text())["key"]
     assert sum(proposal.alpha_star.values()) == pytest.approx(1.0, abs=1e-5)
 
 
