@@ -45,7 +45,8 @@ def test_a_replaced_expert_file_is_trained_again_with_one_line(
 
 
 def test_the_expert_key_changes_with_lora_and_only_then(micro_recipe_file: Path) -> None:
-    """Full experts keep the key they had before `experts.lora` existed; LoRA settings change it."""
+    """Full experts keep the key they had before `experts.lora`, `checkpoints` and `replay_proportions` existed;
+    LoRA settings change it."""
     from types import SimpleNamespace
 
     from mergemix.artifacts import stable_hash
@@ -54,8 +55,8 @@ def test_the_expert_key_changes_with_lora_and_only_then(micro_recipe_file: Path)
     recipe = load_recipe(micro_recipe_file)
     blocks: Any = {d: SimpleNamespace(content_hash=f"h-{d}") for d in recipe.domain_names}
     spec = recipe.experts
-    before = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every", "lora",
-                                                   *spec.train_fields()})
+    before = spec.model_dump(mode="json", exclude={"steps", "tokens", "checkpoint_every", "lora", "checkpoints",
+                                                   "replay_proportions", *spec.train_fields()})
     data = ["h-math"] + [f"h-{d}" for d in sorted(blocks)]  # replay 0.25 mixes every domain in
     assert expert_key(recipe, "b", blocks, "math") == stable_hash(
         ["b", data, before, spec.num_steps(recipe.data.seq_len), recipe.data.seq_len, _seed(recipe.seed, "math"),
