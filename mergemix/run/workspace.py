@@ -118,12 +118,13 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
     if is_main_process():
         write_text(run_dir / "recipe.resolved.yaml", dump_recipe(recipe))
     timings, r = Timings(), recipe
-    base_path, source = None, BaseSource(path=None, format="demo")
+    base_path, source, files = None, BaseSource(path=None, format="demo"), None
     if r.base.path:  # before minutes of reading data; a GGUF file is converted once, by the main process
         with main_process_first(r.device):
             base_path, source = resolve_base(r.base.path, cache_dir)
         check_checkpoint_dir(base_path)
-        if r.experts.checkpoints and (files := checkpoint_state(base_path)) is not None:
+        files = checkpoint_state(base_path) if r.experts.checkpoints else None
+        if files is not None:
             check_given(r.experts.checkpoints, files.specs)  # experts trained elsewhere, before any data
     with timings.stage("data"), main_process_first(r.device):
         benchmark_data = read_benchmarks(r.evaluation.benchmarks, cache_dir)  # small files: fail fast
@@ -134,7 +135,8 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
             pools = {n: d.pools["base"] for n, d in docs.items()}
             base_path = build_demo_base(r.base.demo, pools, r.data.seq_len, r.seed, cache_dir, r.device)
         model, tokenizer = _load_base(base_path, r)
-        check_given(r.experts.checkpoints, tensor_specs(dict(model.named_parameters())))  # the demo base's too
+        if files is None:  # the demo base, or a checkpoint without safetensors files: checked once loaded
+            check_given(r.experts.checkpoints, tensor_specs(dict(model.named_parameters())))
         limit = max_positions(model)
         if limit is not None and r.data.seq_len > limit:
             raise MergemixError(f"data.seq_len: {r.data.seq_len} is longer than the base's context of {limit} "
