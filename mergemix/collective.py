@@ -51,8 +51,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def shard_model(model: torch.nn.Module) -> None:
-    """Shard `model` in place over the launch's processes with FSDP2, on its device: each decoder layer (the
+def fsdp_launch() -> bool:
+    """Whether the launch asks for FSDP (accelerate launch --use_fsdp or an FSDP accelerate config): then no
+    process holds the base whole (mergemix.model.sharded)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_model(model: torch.nn.Module, device: torch.device | None = None) -> None:
+    """Shard `model` in place over the launch's processes with FSDP2, on `device` (default: its parameters';
+    a model on the meta device names the device its shards will live on): each decoder layer (the
     classes the model names in `_no_split_modules`, as accelerate's FSDP2 wrapping does), then the rest at the
     root. Process r holds chunk r of torch.chunk(parameter, N) along dim 0 of every parameter. Every module,
     the root too, reshards after its forward pass, so between evaluations each process holds only its shard
@@ -60,12 +67,31 @@ def shard_model(model: torch.nn.Module) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(next(model.parameters()).device.type, (torch.distributed.get_world_size(),))
+    device = device or next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     layers = set(getattr(model, "_no_split_modules", None) or [])
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in layers:
             fully_shard(module, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
+
+
+def shard_rows(p: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
+    """The tensor this process writes for parameter `p` and which rows (dim 0) of `p` it holds: `p` itself and
+    None (all of them), or for a DTensor sharded by FSDP2 (`fully_shard`: Shard(0), torch.chunk's split of
+    ⌈n / N⌉ rows per process, the last ones fewer or none) its local tensor and the rows it holds."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    p = p.detach()
+    if not isinstance(p, DTensor):
+        return p, None
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"a parameter sharded as {p.placements} cannot be merged; only FSDP2's Shard(0)")
+    local = p.to_local()
+    step = -(-p.shape[0] // p.device_mesh.size())
+    start = min(p.device_mesh.get_local_rank() * step, p.shape[0])
+    assert local.shape[0] == min(start + step, p.shape[0]) - start, "not torch.chunk's split"
+    return local, slice(start, start + local.shape[0])
 
 
 def _broadcast(command: Any = None) -> Any:

@@ -38,10 +38,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from mergemix.artifacts import stable_hash
 from mergemix.catalog import MERGE_METHODS
+from mergemix.collective import shard_rows
 from mergemix.errors import MergemixError
 from mergemix.merge.check import first_mismatch, tensor_specs
 from mergemix.merge.lazy import SafetensorsState
@@ -136,22 +137,6 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shard(p: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
-    """The tensor this process writes for parameter `p` and which rows (dim 0) of `p` it holds: `p` itself and
-    None (all of them), or for a DTensor sharded by FSDP2 (`fully_shard`: Shard(0), torch.chunk's split of
-    ⌈n / N⌉ rows per process, the last ones fewer or none) its local tensor and the rows it holds."""
-    p = p.detach()
-    if not isinstance(p, DTensor):
-        return p, None
-    if tuple(p.placements) != (Shard(0),):
-        raise ValueError(f"a parameter sharded as {p.placements} cannot be merged; only FSDP2's Shard(0)")
-    local = p.to_local()
-    step = -(-p.shape[0] // p.device_mesh.size())
-    start = min(p.device_mesh.get_local_rank() * step, p.shape[0])
-    assert local.shape[0] == min(start + step, p.shape[0]) - start, "not torch.chunk's split"
-    return local, slice(start, start + local.shape[0])
-
-
 def _rows(state: Mapping[str, torch.Tensor], name: str, rows: slice | None) -> torch.Tensor:
     """Tensor `name` of `state`, or its rows `rows` (read alone from a memory-mapped file)."""
     if rows is None:
@@ -188,7 +173,7 @@ class InPlaceMerger:
         # what this process writes of each parameter (its local tensor), and which rows of it (None: all)
         self.local, self.shard = {}, {}
         for n, p in self.params.items():
-            self.local[n], self.shard[n] = _shard(p)
+            self.local[n], self.shard[n] = shard_rows(p)
         base_specs = tensor_specs(self.params)
         for expert_name, state in named.items():
             problem = (state.mismatch(base_specs) if isinstance(state, LoraExpert)

@@ -52,16 +52,29 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 def load_base(path: str | Path, spec: BaseSpec | None = None) -> tuple[torch.nn.Module, object]:
     """(model in eval mode, tokenizer) from a local checkpoint directory. Never downloads."""
-    quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     spec = spec or BaseSpec()
-    path = check_checkpoint_dir(path)
+    tok = load_tokenizer(path, spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, local_files_only=True
         )
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise MergemixError(f"base.path: cannot load {path}: {e}") from None
+    model.eval()
+    return model, tok
+
+
+def load_tokenizer(path: str | Path, spec: BaseSpec) -> Any:
+    """The tokenizer of a local checkpoint directory, with the EOS token that separates packed documents and
+    a pad token. Never downloads."""
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    path = check_checkpoint_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, local_files_only=True)
     except (OSError, ValueError, ImportError, KeyError) as e:
         raise MergemixError(f"base.path: cannot load {path}: {e}") from None
     if tok.eos_token_id is None:  # documents are packed with EOS between them
@@ -72,8 +85,7 @@ def load_base(path: str | Path, spec: BaseSpec | None = None) -> tuple[torch.nn.
         tok.eos_token = sep
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.eval()
-    return model, tok
+    return tok
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
@@ -181,6 +193,7 @@ def build_demo_base(
     """Train the demo tokenizer and pre-train the tiny base on the domains' base pools (all domains in
     token proportion, cosine schedule); cached, so a second run reuses it. Returns its directory."""
     from mergemix.data.prepare import pack_texts
+    from mergemix.model.sharded import gathered
     from mergemix.model.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
 
     h = Hasher()
@@ -208,8 +221,9 @@ def build_demo_base(
 
     accelerator = make_accelerator(device)  # under a multi-process launch: data-parallel, the main one saves
     losses = train(model, sampler, cfg, checkpoint=checkpoint, desc="demo base", accelerator=accelerator)
+    whole = gathered(model)  # an FSDP launch trained it sharded
     if is_main_process():
-        save_checkpoint_dir(model, tokenizer, path, extra={"spec": spec.model_dump(), "final_loss": losses[-1]})
+        save_checkpoint_dir(whole, tokenizer, path, extra={"spec": spec.model_dump(), "final_loss": losses[-1]})
         remove_checkpoint(checkpoint)
     accelerator.wait_for_everyone()
     return path

@@ -8,7 +8,6 @@ global batch and keeps its own slice of rows.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import json
 import logging
@@ -25,8 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergemix.artifacts import atomic_path
-from mergemix.collective import is_main_process
+from mergemix.collective import fsdp_launch, is_main_process
 from mergemix.errors import MergemixError
+from mergemix.model.sharded import is_sharded
 from mergemix.progress import progress
 from mergemix.recipe import ExpertSpec
 
@@ -114,17 +114,12 @@ def make_accelerator(device: str = "auto"):  # -> accelerate.Accelerator
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if _fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
+    if fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
         raise MergemixError("accelerate config: FSDP version 1 is not supported; use FSDP version 2 (accelerate "
                             "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in the accelerate config)")
     accelerator = Accelerator(cpu=_cpu(device), kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
     _fsdp_on_cpu(accelerator)
     return accelerator
-
-
-def _fsdp_launch() -> bool:
-    """Whether the launch asks for FSDP (accelerate launch --use_fsdp or an FSDP accelerate config)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -134,7 +129,7 @@ def _fsdp_on_cpu(accelerator) -> None:
     and accelerate's own FSDP2 preparation runs: the CPU tests exercise the same code as a GPU launch."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if _fsdp_launch() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if fsdp_launch() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
         accelerator.state.distributed_type = DistributedType.FSDP
 
@@ -183,9 +178,10 @@ def train(
     number (every row has the same number of tokens, so this is the mean over the global batch) and
     averaged over processes by DDP, so the update equals one full-batch step to float rounding.
 
-    Under an FSDP launch (FSDP2 full shard through accelerate) each process keeps a shard of the float32
-    weights, gradients and AdamW state of a copy of `model`; the trained weights are gathered into `model` on
-    the main process only (the others keep theirs: only the main process saves or scores).
+    Under an FSDP launch each process keeps a shard of the float32 weights, gradients and AdamW state:
+    `model` is sharded with FSDP2 already (`mergemix.model.sharded.trainable`, in float32: no process ever
+    held it whole), or accelerate shards it in place (FSDP2 full shard). It stays sharded afterwards:
+    `mergemix.model.sharded.gathered` gathers it on the main process, which alone saves or scores.
 
     With `checkpoint`, state (weights, optimizer, scheduler, losses, RNG) is saved every
     `cfg.checkpoint_every` steps and a run finding one resumes from it: in one safetensors file at
@@ -197,8 +193,9 @@ def train(
     fsdp = _check_sharding(accelerator)
     precision = resolve_precision(cfg.precision, accelerator.device.type)
     load_dtype = next(model.parameters()).dtype
-    # FSDP shards the module it trains in place, so it trains a copy and the result is copied back
-    work = copy.deepcopy(model).float() if fsdp else model.float()  # float32 master weights
+    if is_sharded(model) and load_dtype != torch.float32:
+        raise ValueError("a sharded model trains in float32: make it with mergemix.model.sharded.trainable")
+    work = model if is_sharded(model) else model.float()  # float32 master weights
     decay = [p for n, p in work.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in work.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -264,13 +261,12 @@ def train(
             elif is_main_process():
                 save_checkpoint(checkpoint, accelerator.unwrap_model(pmodel), opt, sched, done, losses, scaler)
             accelerator.wait_for_everyone()
-    if fsdp:
-        _gather_into(pmodel, model)
     accelerator.free_memory()  # prepare() keeps references: without this every expert stays in memory
     del pmodel, opt, work
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
-    model.to(load_dtype)
+    if not is_sharded(model):
+        model.to(load_dtype)
     model.eval()
     return losses
 
@@ -282,17 +278,6 @@ def _check_sharding(accelerator) -> bool:
         raise MergemixError(f"accelerate config: {kind} is not supported; use FSDP version 2 (accelerate launch "
                             "--use_fsdp --fsdp_version 2) or data-parallel (accelerate launch --multi_gpu, torchrun)")
     return kind == "FSDP"
-
-
-def _gather_into(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Copy the trained weights of an FSDP-sharded module into the unsharded `model` (cast to its dtype) on the
-    main process; a collective that every process joins. accelerate's `get_state_dict` asks torch to
-    broadcast from rank 0, which leaves CPU shards as DTensors, so torch's own gather is called directly."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if full:  # the main process: full tensors on CPU; the others get an empty dict
-        model.load_state_dict(full)
 
 
 def _checkpointing(model: torch.nn.Module, on: bool) -> None:

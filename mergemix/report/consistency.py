@@ -29,6 +29,7 @@ from mergemix.artifacts import read_json, stable_hash, write_json
 from mergemix.evaluate import Objective
 from mergemix.merge.lora import Applied, LoraExpert
 from mergemix.model.modeling import param_count
+from mergemix.model.sharded import is_sharded
 from mergemix.model.train import process_state
 from mergemix.pipelines.propose import ProposalWithSearch, check_launch, expert_stage, search_and_propose
 from mergemix.progress import progress
@@ -78,6 +79,8 @@ def rank_consistency(recipe: Recipe) -> Consistency | None:
         runs = _truth(ws, proposed, mixtures)
     if proposed is None:
         return None
+    if is_sharded(ws.model):  # an FSDP launch: the main process alone goes on, with the whole base
+        ws.reload_model(whole=True)
     report_dir = ws.run_dir / "report"
     with ws.timings.stage("interference"):
         interference = _interference(ws, experts)

@@ -9,7 +9,8 @@ The manifest's `key` hashes every input: base, data, recipe fields, seed. An exp
 reused; one whose training was killed resumes from its checkpoint.
 
 Under a multi-process launch (accelerate launch, torchrun) every process trains its rows of each batch
-and the main process alone writes the expert.
+and the main process alone writes the expert. Under an FSDP launch the base is sharded (no process holds it
+whole): each expert starts from a sharded copy of it and is gathered on the main process only to be saved.
 
 A domain of experts.checkpoints has its expert trained elsewhere: its directory is checked against the base
 (`check_given`) and taken as it is (`given_expert`), nothing written into it.
@@ -17,7 +18,6 @@ A domain of experts.checkpoints has its expert trained elsewhere: its directory 
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from mergemix.errors import MergemixError
 from mergemix.merge.check import Spec, check_expert_file, tensor_specs
 from mergemix.merge.lazy import SafetensorsState
 from mergemix.merge.lora import ADAPTER_CONFIG, ADAPTER_FILE, LoraExpert, check_adapter
+from mergemix.model.sharded import gathered, is_sharded, trainable
 from mergemix.model.train import (
     Sampler,
     TrainConfig,
@@ -200,10 +201,15 @@ def train_experts(
     accelerator = make_accelerator(recipe.device)
     main = is_main_process()
     base_specs = tensor_specs(dict(base.named_parameters()))
+    dtype = next(base.parameters()).dtype
+    if spec.lora is not None and is_sharded(base):
+        raise MergemixError("experts.lora: LoRA experts train data-parallel, each process holding the frozen base "
+                            "(accelerate launch --multi_gpu, torchrun), not under an FSDP launch; launch without "
+                            "--use_fsdp, or drop experts.lora")
     experts = []
     for name in [n for n in names if domains is None or n in domains]:
         if name in spec.checkpoints:
-            experts.append(given_expert(name, Path(spec.checkpoints[name]), next(base.parameters()).dtype))
+            experts.append(given_expert(name, Path(spec.checkpoints[name]), dtype))
             log.info("expert %s: trained elsewhere, %s", name, spec.checkpoints[name])
             continue
         out = run_dir / "experts" / name
@@ -220,14 +226,15 @@ def train_experts(
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / MANIFEST).unlink(missing_ok=True)  # weights and manifest must never disagree after a kill
-        model = copy.deepcopy(base)
-        if spec.lora is not None:
-            model = with_adapters(model, spec.lora, _seed(recipe.seed, name))
         sampler = Sampler(pools, probs, spec.batch_size, seed=_seed(recipe.seed, name),
                           own=blocks[name].blocks["expert"], own_rows=own_rows)
-        cfg = TrainConfig.constant(spec, steps)
         checkpoint = out / f"checkpoint-{key}.safetensors"
-        losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"expert {name}", accelerator=accelerator)
+        with trainable(base) as model:  # under FSDP: the sharded base itself, read back from its files after
+            if spec.lora is not None:
+                model = with_adapters(model, spec.lora, _seed(recipe.seed, name))
+            losses = train(model, sampler, TrainConfig.constant(spec, steps), checkpoint=checkpoint,
+                           desc=f"expert {name}", accelerator=accelerator)
+            whole = gathered(model, dtype)  # itself, or under FSDP its shards gathered on the main process
         manifest = {
             "key": key,
             "kind": LORA if spec.lora else KIND,
@@ -239,17 +246,17 @@ def train_experts(
             "replay": spec.replay,
             "lr": spec.lr,
             "seed": recipe.seed,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
             "loss_curve": [round(x, 5) for x in losses],
             **({"lora": spec.lora.model_dump(mode="json")} if spec.lora else {}),
         }
         if main:
-            save_expert(model, tokenizer, out, manifest)
+            save_expert(whole, tokenizer, out, manifest)
             remove_checkpoint(checkpoint)
             log.info("expert %s: %d steps, loss %.3f → %.3f, saved to %s", name, steps, losses[0], losses[-1], out)
         accelerator.wait_for_everyone()  # the expert is on disk before any process reads it
         experts.append(Expert(name, out, key, manifest))
-        del model
+        del model, whole
     return experts
 
 

@@ -11,7 +11,6 @@ a rerun reuses every finished run, and a killed one resumes from its checkpoint.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from mergemix.collective import is_main_process
 from mergemix.data.prepare import DomainBlocks
 from mergemix.errors import MergemixError
 from mergemix.feasible import Bounds
+from mergemix.model.sharded import gathered, trainable
 from mergemix.model.train import Sampler, TrainConfig, make_accelerator, remove_checkpoint, train
 from mergemix.recipe import Recipe
 from mergemix.run.experts import precision_key
@@ -137,17 +137,18 @@ def mixture_run(
     steps = recipe.report.num_steps(e, recipe.data.seq_len)
     seed = int(stable_hash([recipe.seed, "mixture", seed_index]), 16) % 2**31
     torch.manual_seed(seed)  # dropout, for bases that have it
-    model = copy.deepcopy(base)
     sampler = Sampler(tuple(blocks[d].blocks["expert"] for d in names), tuple(mixture.alpha[d] for d in names),
                       e.batch_size, seed=seed)
     cfg = TrainConfig.constant(e, steps, *recipe.report.schedule(e))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"{mixture.label} seed {seed_index}",
-                   accelerator=accelerator)
+    with trainable(base) as model:  # under FSDP: the sharded base itself, read back from its files after
+        losses = train(model, sampler, cfg, checkpoint=checkpoint, desc=f"{mixture.label} seed {seed_index}",
+                       accelerator=accelerator)
+        whole = gathered(model, next(base.parameters()).dtype)  # under FSDP, on the main process alone
     record = None
     if main:
-        assert evaluate is not None
+        assert evaluate is not None and whole is not None
         record = {
             "key": key,
             "label": mixture.label,
@@ -156,10 +157,10 @@ def mixture_run(
             "steps": steps,
             "tokens": steps * e.tokens_per_step(recipe.data.seq_len),
             "final_loss": round(float(np.mean(losses[-10:])), 5),
-            "raw": evaluate(model),
+            "raw": evaluate(whole.to(accelerator.device)),
         }
         write_json(path, record)
         remove_checkpoint(checkpoint)
     accelerator.wait_for_everyone()  # the record is on disk before any process looks for it
-    del model
+    del model, whole
     return record

@@ -34,6 +34,7 @@ from mergemix.merge import InPlaceMerger
 from mergemix.merge.lazy import checkpoint_state
 from mergemix.merge.repetition import discounted
 from mergemix.merge.replay import merge_weights, replay_matrix
+from mergemix.model.sharded import is_sharded
 from mergemix.model.train import AUTOCAST
 from mergemix.run.experts import Expert, general_probs, replay_share
 from mergemix.run.workspace import Workspace, scoring_precision
@@ -205,11 +206,13 @@ def scoring_session(ws: Workspace, experts: Sequence[Expert]) -> Iterator[Scorin
     """A scoring session of `experts` for the body; afterwards the model is the base again and the session
     is closed (its merger's copies freed), so what follows (mixture runs) has the memory.
 
-    Under a multi-process launch every process enters: the model is sharded with FSDP2 and each process's
-    merger holds its shard. The main process gets the session, which leads (each merge and evaluation it makes
-    is sent to the others first); the others follow it, making the same merges in step, until its body ends,
-    and get None. Then every process reads the whole base again for what follows (mixture runs train from
-    it; the sharded model equals it)."""
+    Under a multi-process launch every process enters: in a sharded search the model is sharded with FSDP2
+    (under an FSDP launch it is already) and each process's merger holds its shard; in a data-parallel one each
+    process holds it whole (under an FSDP launch it reads the whole base for the search). The main process gets
+    the session, which leads (each merge and evaluation it makes is sent to the others first); the others
+    follow it, making the same merges in step, until its body ends, and get None. Afterwards the model is the
+    base again as the stages that follow take it: whole, or sharded under an FSDP launch (read again where the
+    search held it the other way)."""
     if processes() == 1:
         session = open_scoring(ws, experts)
         try:
@@ -218,8 +221,11 @@ def scoring_session(ws: Workspace, experts: Sequence[Expert]) -> Iterator[Scorin
             session.close()
         return
     sharded = launch_mode(ws, len(experts)) == "sharded"
-    if sharded:
+    fsdp = is_sharded(ws.model)
+    if sharded and not fsdp:
         shard_model(ws.model)
+    if fsdp and not sharded:
+        ws.reload_model(whole=True)
     session = open_scoring(ws, experts)
     session.share, session.sharded = launch_share(), sharded
     if is_main_process():
@@ -229,9 +235,10 @@ def scoring_session(ws: Workspace, experts: Sequence[Expert]) -> Iterator[Scorin
     else:
         follow(session)
         yield None
-    session.close()  # the merger's copies, before the whole base is read
-    if sharded:
-        log.info("the search is done: reading the whole base again for the stages that follow")
+    session.close()  # the merger's copies, before the base is read again
+    if sharded != fsdp:
+        log.info("the search is done: reading the %s base again for the stages that follow",
+                 "sharded" if fsdp else "whole")
         ws.reload_model()
 
 

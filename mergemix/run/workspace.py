@@ -12,13 +12,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergemix.artifacts import ensure_dir, stable_hash, write_text
-from mergemix.collective import is_main_process, processes
+from mergemix.collective import fsdp_launch, is_main_process, processes
 from mergemix.data.prepare import DomainBlocks, load_domain, pack_domain
 from mergemix.errors import MergemixError
 from mergemix.evaluate import read_benchmarks
@@ -26,12 +27,15 @@ from mergemix.merge.check import tensor_specs
 from mergemix.merge.lazy import checkpoint_state
 from mergemix.model.bases import BaseSource, resolve_base
 from mergemix.model.modeling import (
+    DTYPES,
     build_demo_base,
     check_checkpoint_dir,
     fingerprint,
     load_base,
+    load_tokenizer,
     max_positions,
 )
+from mergemix.model.sharded import load_sharded
 from mergemix.model.train import process_state, resolve_precision
 from mergemix.progress import progress
 from mergemix.recipe import Recipe, dump_recipe
@@ -60,8 +64,9 @@ class Timings:
 @dataclass
 class Workspace:
     """What every pipeline of a run starts from, complete when `open_workspace` returns it. The model is the
-    base (on the run's device); a merger changes it in place and restores it, and `reload_model` replaces it
-    after a launch's search sharded it."""
+    base (on the run's device; under an FSDP launch sharded over the processes, `mergemix.model.sharded`); a
+    merger changes it in place and restores it, and `reload_model` replaces it after a launch's search held it
+    sharded or whole, the other way."""
 
     recipe: Recipe
     run_dir: Path
@@ -76,10 +81,11 @@ class Workspace:
     available: dict[str, int]  # tokens the team has per domain (mixture bounds)
     benchmark_data: dict[str, Any]  # what read_benchmarks read
 
-    def reload_model(self) -> None:
-        """Read the whole base again (after a launch's search left the model sharded)."""
+    def reload_model(self, whole: bool = False) -> None:
+        """Read the base again, as `open_workspace` did (sharded under an FSDP launch), or `whole` (for the
+        main process alone, or a data-parallel search): after a search that merged into it or sharded it."""
         del self.model
-        self.model, _ = _load_base(self.base_path, self.recipe)
+        self.model, _ = _load_base(self.base_path, self.recipe, whole)
 
 
 @contextmanager
@@ -92,8 +98,19 @@ def main_process_first(device: str) -> Iterator[None]:
         yield
 
 
-def _load_base(base_path: Path, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
-    """The base model, on the run's device, and its tokenizer."""
+def _load_base(base_path: Path, recipe: Recipe, whole: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The base model, on the run's device, and its tokenizer. Under an FSDP launch (unless `whole`) it is
+    sharded over the processes, each reading only its rows from the checkpoint's files: 8 processes hold one
+    copy between them, not 8 (a collective: every process calls it)."""
+    if fsdp_launch() and not whole:
+        if checkpoint_state(base_path) is None:
+            raise MergemixError(f"base.path: {base_path} holds no model*.safetensors; an FSDP launch reads the "
+                                "base shard by shard from safetensors files: save it with save_pretrained, or "
+                                "launch data-parallel (--multi_gpu)")
+        spec = recipe.base
+        model = load_sharded(base_path, partial(checkpoint_state, base_path), DTYPES[spec.dtype],
+                             process_state(recipe.device).device, spec.trust_remote_code)
+        return model, load_tokenizer(base_path, spec)
     model, tokenizer = load_base(base_path, recipe.base)
     if recipe.device == "auto" and torch.cuda.is_available():
         model.to("cuda")

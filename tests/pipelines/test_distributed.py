@@ -30,6 +30,8 @@ EXPERTS = ["-m", "mergemix", "experts"]
 # torch.distributed.run, which on a machine without CUDA (or with device: cpu in the recipe) trains on CPU
 LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", PORT]
+FSDP = ["--use_fsdp", "--fsdp_version", "2"]
+LAUNCHERS = {"ddp": ["--multi_gpu"], "fsdp": FSDP}
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": PORT}
@@ -84,7 +86,7 @@ def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) ->
     2 micro-batches each) gives the 1-process expert to float rounding: the shards are gathered to the main
     process, which alone writes the expert."""
     run = recipe_file.parent / "fsdp"
-    log = _run([*LAUNCH, "--use_fsdp", "--fsdp_version", "2", *EXPERTS, str(recipe_file), f"run_dir={run}",
+    log = _run([*LAUNCH, *FSDP, *EXPERTS, str(recipe_file), f"run_dir={run}",
                 "experts.micro_batch_size=2", "--domain", "math"])
     assert log.count("stage experts ...") == 2
     assert log.count("expert math: 6 steps") == 1
@@ -97,7 +99,7 @@ def test_a_killed_fsdp_expert_resumes_from_its_sharded_checkpoint(recipe_file: P
     again, and ends with the weights of an uninterrupted FSDP run: model, AdamW state and schedule were saved by
     both processes (torch.distributed.checkpoint) and loaded back into their shards."""
     budget = ["experts.steps=60", "experts.checkpoint_every=5"]
-    fsdp = [*LAUNCH, "--use_fsdp", "--fsdp_version", "2", *EXPERTS, str(recipe_file), "--domain", "math", *budget]
+    fsdp = [*LAUNCH, *FSDP, *EXPERTS, str(recipe_file), "--domain", "math", *budget]
     whole, killed = recipe_file.parent / "fsdp_whole", recipe_file.parent / "fsdp_killed"
     _run([*fsdp, f"run_dir={whole}"])
     out = killed / "experts" / "math"
@@ -127,22 +129,32 @@ def _trials(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("launch", ["sharded", "data_parallel"])
-def test_two_process_propose_searches_together_like_one_process(recipe_file: Path, launch: str) -> None:
+@pytest.mark.parametrize(("launcher", "launch"), [("ddp", "sharded"), ("ddp", "data_parallel"),
+                                                  ("fsdp", "sharded"), ("fsdp", "data_parallel")])
+def test_two_process_propose_searches_together_like_one_process(recipe_file: Path, launcher: str,
+                                                                launch: str) -> None:
     """`propose` under a 2-process launch searches together, the base and task vectors sharded over both
     processes or whole in each: the main process alone writes trials and proposal, the other merges and
     evaluates every α in step with it, each scoring half the items, and the trials and α* equal a one-process
-    propose's. The experts are trained once, by the one-process run (data-parallel training is equal only to
-    float rounding), and reused by the launch."""
-    one, two = recipe_file.parent / "propose_one", recipe_file.parent / f"propose_{launch}"
+    propose's. A data-parallel launch holds the base whole and shards it for a sharded search; an FSDP launch
+    holds it sharded (each process read its rows) and reads it whole for a data-parallel search. The experts
+    are trained once, by the one-process run (data-parallel training is equal only to float rounding), and
+    reused by the launch."""
+    one, two = recipe_file.parent / "propose_one", recipe_file.parent / f"propose_{launcher}_{launch}"
     cmd = ["-m", "mergemix", "propose", str(recipe_file)]
     if not one.exists():
         _run([sys.executable, *cmd, f"run_dir={one}"])
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("trials.jsonl", "search.json", "proposal.json",
                                                                   "timings.json"))
-    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}", f"search.launch={launch}"])
+    log = _run([*LAUNCH, *LAUNCHERS[launcher], *cmd, f"run_dir={two}", f"search.launch={launch}"])
     assert log.count(f"search under a launch of 2 processes: {launch}") == 2
-    assert ("reading the whole base again" in log) == (launch == "sharded")
+    assert ("reading the whole base again" in log) == (launcher == "ddp" and launch == "sharded")
+    assert ("reading the sharded base again" in log) == (launcher == "fsdp" and launch == "data_parallel")
+    if launcher == "fsdp":  # no process read the base whole: each read its rows, half of every parameter
+        held = [(int(a.replace(",", "")), int(b.replace(",", "")))
+                for a, b in re.findall(r"sharded over 2 processes, this one read ([\d,]+) of its ([\d,]+)", log)]
+        assert len(held) == (2 if launch == "sharded" else 4)  # read again after a data-parallel search
+        assert all(abs(mine - total / 2) < 0.01 * total for mine, total in held)
     assert log.count("stage search ...") == 1  # the main process runs the search, the other follows it
     assert log.count("wrote ") == 1  # the main process alone reports
     want, got = _trials(one), _trials(two)
@@ -186,18 +198,21 @@ def test_the_gradient_strategy_runs_under_a_data_parallel_launch(recipe_file: Pa
     assert star_two == pytest.approx(star_one, abs=2e-3)
 
 
-def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path) -> None:
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path, launcher: str) -> None:
     """`report` under a 2-process launch merges and scores the proxies with both processes (each merging its
-    shard) and trains each mixture run data-parallel: the main process alone scores and writes each run's
-    record, and proxies and records equal those of a one-process report. The proposal (experts, trials) is
-    made once by the one-process report and reused by the launch."""
-    one, two = recipe_file.parent / "report_one", recipe_file.parent / "report_two"
+    shard) and trains each mixture run data-parallel or FSDP-sharded (from a sharded copy of the sharded base,
+    gathered on the main process to be scored): the main process alone scores and writes each run's record,
+    and proxies and records equal those of a one-process report. The proposal (experts, trials) is made once
+    by the one-process report and reused by the launch."""
+    one, two = recipe_file.parent / "report_one", recipe_file.parent / f"report_{launcher}"
     report = ["report.mixtures=4", "report.seeds=1", "report.steps=4", "report.bootstrap=100",
               "report.interference_batches=0"]
     cmd = ["-m", "mergemix", "report", str(recipe_file), *report]
-    _run([sys.executable, *cmd, f"run_dir={one}"])
+    if not one.exists():
+        _run([sys.executable, *cmd, f"run_dir={one}"])
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("runs", "index.html", "proxies.jsonl"))
-    log = _run([*LAUNCH, "--multi_gpu", *cmd, f"run_dir={two}"])
+    log = _run([*LAUNCH, *LAUNCHERS[launcher], *cmd, f"run_dir={two}"])
     proxies = [json.loads(line) for line in (one / "report" / "proxies.jsonl").read_text().splitlines()]
     assert proxies  # mixtures the search did not score
     followed = [int(line.rsplit(" ", 2)[-2]) for line in log.splitlines() if "followed the main process's" in line]
