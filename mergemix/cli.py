@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_recipe(recipe), end="")
             print(f"# {args.recipe}: valid", file=sys.stderr)
             return 0
+        from mergemix.hostmem import pin_mmap_threshold
+
+        pin_mmap_threshold()  # training and merging free large buffers: give them back to the system
         start = time.perf_counter()
         if args.command == "report":
             from mergemix.report import rank_consistency

@@ -19,7 +19,7 @@ from pathlib import Path
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("errors", "registry", "catalog", "artifacts", "progress", "collective", "feasible",
-                    "proposal")),
+                    "proposal", "hostmem")),
     ("recipe", ("recipe",)),
     ("data", ("data",)),
     ("model", ("model",)),
