@@ -472,7 +472,7 @@ class SearchSpec(_Model):
     top_k: int = Field(3, ge=1, description="points averaged when final = top_k_mean")
     repetition: Literal["ignore", "discount"] = Field(
         "ignore", description="discount: score each mixture by the merge at shares discounted for the data it repeats "
-        "(Muennighoff et al. 2023); ignore: as the merge sees it. Unmeasured lever: docs/fidelity.md"
+        "(Muennighoff et al. 2023); ignore: as the merge sees it. Measured, no gain on either testbed: docs/fidelity.md"
     )
     repetition_r_star: float = Field(
         15.4, gt=0, description="repetition discount: repetitions after which a repeated token's value has decayed "
