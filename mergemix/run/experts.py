@@ -10,7 +10,8 @@ reused; one whose training was killed resumes from its checkpoint.
 
 Under a multi-process launch (accelerate launch, torchrun) every process trains its rows of each batch
 and the main process alone writes the expert. Under an FSDP launch the base is sharded (no process holds it
-whole): each expert starts from a sharded copy of it and is gathered on the main process only to be saved.
+whole): each expert trains the sharded base itself, which is read back from its files afterwards, and is
+gathered on the main process only to be saved.
 
 A domain of experts.checkpoints has its expert trained elsewhere: its directory is checked against the base
 (`check_given`) and taken as it is (`given_expert`), nothing written into it.
