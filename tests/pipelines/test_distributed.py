@@ -201,8 +201,9 @@ def test_the_gradient_strategy_runs_under_a_data_parallel_launch(recipe_file: Pa
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
 def test_two_process_report_trains_mixture_runs_like_one_process(recipe_file: Path, launcher: str) -> None:
     """`report` under a 2-process launch merges and scores the proxies with both processes (each merging its
-    shard) and trains each mixture run data-parallel or FSDP-sharded (from a sharded copy of the sharded base,
-    gathered on the main process to be scored): the main process alone scores and writes each run's record,
+    shard) and trains each mixture run data-parallel or FSDP-sharded (the sharded base itself, trained in place
+    and read back from its files after each run, gathered on the main process to be scored; a base not read
+    back would make every later run differ): the main process alone scores and writes each run's record,
     and proxies and records equal those of a one-process report. The proposal (experts, trials) is made once
     by the one-process report and reused by the launch."""
     one, two = recipe_file.parent / "report_one", recipe_file.parent / f"report_{launcher}"
