@@ -500,7 +500,7 @@ class SearchSpec(_Model):
     )
     launch: Literal["auto", "sharded", "data_parallel"] = Field(
         "auto", description="the search under a multi-process launch: sharded (FSDP2: each process holds 1/N of "
-        "base and task vectors) or data_parallel (each holds all; gradient runs); auto: data_parallel if it fits"
+        "base and task vectors) or data_parallel (each holds all); auto: data_parallel if it fits"
     )
     gradient_start: Literal["prior", "uniform", "best"] = Field(
         "prior", description="strategy gradient: start point: the token-proportional mix, uniform (both moved "

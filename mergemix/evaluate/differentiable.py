@@ -145,19 +145,28 @@ class GradientObjective:
     def __call__(self, alpha: torch.Tensor, batch: int, generator: torch.Generator,
                  share: Share | None = None) -> torch.Tensor:
         """The estimate at `alpha` (a scalar tensor, higher is better) on `batch` random items per benchmark
-        (all of them when `batch` is 0 or above their count); `prepare` first. With `share` (rank, N), every
-        process of a launch draws the same items and scores its share of them (items rank, rank + N, ...): its
-        part of the estimate, which summed over the processes is the whole one."""
-        rank, world = share or (0, 1)
-        objective = self.objective
-        assert objective is not None, "prepare(objective) first"
+        (all of them when `batch` is 0 or above their count), the model called on `merged_state(alpha)`;
+        `prepare` first. With `share`: this process's part (`value`)."""
         params = {n: t.to(self.dtypes[n]) for n, t in self.merged_state(alpha).items()}
         device = next(iter(params.values())).device
 
         def forward(ids: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, params, args=(), kwargs={"input_ids": ids.to(device)}).logits
 
-        total = torch.zeros((), device=device)
+        return self.value(forward, batch, generator, share)
+
+    def value(self, forward: Forward, batch: int, generator: torch.Generator, share: Share | None = None,
+              in_step: bool = False) -> torch.Tensor:
+        """The estimate with the model's logits given by `forward`, on `batch` random items per benchmark
+        (`__call__`). With `share` (rank, N), every process of a launch draws the same items and scores its
+        share of them (items rank, rank + N, ...): its part of the estimate, which summed over the processes is
+        the whole one. `in_step`: the forward passes are collective (a sharded model), so a process with no
+        item of a benchmark still runs one forward pass of one token for it, which adds 0."""
+        rank, world = share or (0, 1)
+        objective = self.objective
+        assert objective is not None, "prepare(objective) first"
+        parts: list[torch.Tensor] = []
+        const = 0.0  # the normalization's offsets, counted once (by rank 0)
         for name, w in self.weights.items():
             bench = self.benchmarks[name]
             kind = DIFFERENTIABLE.get(bench.spec.kind)
@@ -169,12 +178,17 @@ class GradientObjective:
             lo, hi = objective.refs[name]
             span = hi - lo if abs(hi - lo) > 1e-9 else 1.0
             if world == 1:
-                total = total + w * (sign * kind.metric(bench, forward, metric, items, self.max_len) - lo) / span
+                parts.append(w * (sign * kind.metric(bench, forward, metric, items, self.max_len) - lo) / span)
                 continue
             mine = items[rank::world]
             if mine:  # the mean over these items, weighted by their part of all the items drawn
                 value = kind.metric(bench, forward, metric, mine, self.max_len)
-                total = total + w * sign * value * (len(mine) / len(items)) / span
+                parts.append(w * sign * value * (len(mine) / len(items)) / span)
+            elif in_step:
+                parts.append(0 * forward(torch.zeros((1, 1), dtype=torch.long)).float().sum())
             if rank == 0:
-                total = total - w * lo / span
-        return total
+                const -= w * lo / span
+        total = torch.zeros(()) if not parts else parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total + const if const else total

@@ -395,7 +395,8 @@ class InPlaceMerger:
     def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """Θ(α) as new tensors (name → tensor), differentiable in `alpha`: for gradient-based search with
         `torch.func.functional_call(model, merger.merged_state(alpha), inputs)`. The model is not changed. Of
-        a sharded model, this process's rows only (the gradient strategy does not run sharded)."""
+        a sharded model, this process's rows only (what the gradient strategy differentiates there:
+        mergemix.run.scoring)."""
         a = self._alpha(alpha)
         out = {}
         for g in self.groups:

@@ -70,17 +70,12 @@ def propose_on(ws: Workspace, train: bool = True, strategy: str | None = None,
 def check_launch(recipe: Recipe) -> None:
     """What a multi-process launch cannot search, refused in one line before anything trains:
     `search.verify_real` trains its runs inside the search, on the main process alone, where the other
-    processes cannot join them; the gradient strategy differentiates through the whole merged weights, which
-    no process holds in a launch's sharded search (search.launch sharded)."""
+    processes cannot join them."""
     n = processes()
     if n > 1 and recipe.search.verify_real:
         raise MergemixError(f"search.verify_real: its real runs train inside the search, on the main process "
                             f"alone, which a launch of {n} processes cannot do yet; set search.verify_real "
                             "0 for the launch, or run as one process")
-    if n > 1 and recipe.search.strategy == "gradient" and recipe.search.launch == "sharded":
-        raise MergemixError(f"search.strategy: gradient needs the whole merged model in every process, and "
-                            f"search.launch sharded splits it over the {n} processes; set search.launch "
-                            "data_parallel (or auto), or choose another strategy")
 
 
 def expert_stage(ws: Workspace, train: bool, domains: Sequence[str] | None = None) -> list[Expert]:
@@ -115,10 +110,6 @@ def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSes
         if name == "auto":
             staged = level_of(recipe.mixture, problem.domains, problem.bounds, problem.prior) is not None
             name = choose_strategy(recipe.evaluation, ws.model, staged, session.sharded)
-        if name == "gradient" and session.sharded:
-            raise MergemixError("search.strategy: gradient needs the whole merged model in every process, and this "
-                                "launch's search is sharded (the whole merger does not fit a process: "
-                                "search.launch auto); choose another strategy for the launch")
         eval_key = evaluation_key(ws, experts)
         key = search_key(problem, recipe.mixture, eval_key, name)
         stored = _stored_search(ws.run_dir / SEARCH_FILE, key, problem)
@@ -127,7 +118,7 @@ def search_experts(ws: Workspace, experts: Sequence[Expert], session: ScoringSes
                      ws.run_dir / SEARCH_FILE)
             return stored, name
         result = search_mixtures(problem, recipe.mixture, session.evaluate_alpha, ws.run_dir / "trials.jsonl",
-                                 eval_key, name, None if session.sharded else session.differentiable(), on_trial)
+                                 eval_key, name, session.differentiable(), on_trial)
         session.merger.restore()
         if not STRATEGIES.get(name).shared:
             write_json(ws.run_dir / SEARCH_FILE, {"key": key, "result": result.record()})
@@ -169,23 +160,22 @@ def _stored_search(path: Path, key: str, problem: Problem) -> SearchResult | Non
 def choose_strategy(evaluation: EvalSpec, model: torch.nn.Module, staged: bool, sharded: bool = False) -> str:
     """What search.strategy `auto` searches with: `gradient` where it can run, else `surface`; the choice and
     its reason are logged. Gradient is the default because its proposal trained best on both testbeds
-    (docs/fidelity.md, "Rank consistency on both testbeds"); it needs the whole merged model in every process
-    (not `sharded`: a launch's sharded search),
-    flat shares (not `staged`: mixture.groups or reuse keeping ratios), every weighted benchmark
-    differentiable (perplexity, multiple_choice: the descent would leave the others out), and memory beside
-    the merger for the merged parameters and their gradients (fp32, plus a cast copy for a model below it)."""
+    (docs/fidelity.md, "Rank consistency on both testbeds"); it needs flat shares (not `staged`:
+    mixture.groups or reuse keeping ratios), every weighted benchmark differentiable (perplexity,
+    multiple_choice: the descent would leave the others out), and memory beside the merger for the merged
+    parameters and their gradients (fp32, plus a cast copy for a model below it): in a launch's `sharded`
+    search, each process's rows of them."""
     why = None
     weighted = [b for b in evaluation.benchmarks if evaluation.weight(b.capability) > 0]
     flat = [b.name for b in weighted if b.kind not in DIFFERENTIABLE]
-    if sharded:
-        why = f"a launch of {processes()} processes searches a sharded model"
-    elif staged:
+    if staged:
         why = "the search is staged (mixture.groups or mixture.reuse), and gradient searches flat shares"
     elif flat:
         why = f"{', '.join(flat)}: no gradient, so the descent would leave them out"
     else:
         params = list(model.parameters())
         need = sum(p.numel() * (8 + (p.element_size() if p.element_size() < 4 else 0)) for p in params)
+        need //= processes() if sharded else 1
         free = free_memory(params[0].device)
         if need > free:
             why = f"the descent needs {need / 2**30:.1f} GiB beside the merger, {free / 2**30:.1f} GiB is free"

@@ -4,8 +4,8 @@
 proxies). Under a multi-process launch the main process's session leads: every merge, evaluation and gradient
 step it makes is made by the other processes with it, in step (mergemix.collective), each scoring its share of
 the items. The model is either sharded (FSDP2: each process holds 1/N of base and task vectors) or, where the
-whole merger fits every process, kept whole (data-parallel: no collective forward passes, and the gradient
-strategy runs, its gradients summed over the processes).
+whole merger fits every process, kept whole (data-parallel: no collective forward passes). The gradient
+strategy runs either way, its gradients in α summed over the processes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mergemix.collective import (
     leading,
     processes,
     shard_model,
+    shard_rows,
     tell,
 )
 from mergemix.evaluate import EvalContext, Evaluator, Items, Objective
@@ -58,7 +59,7 @@ class ScoringSession:
     replay: torch.Tensor | None = None
     # a launch's collective session: this process's share of every benchmark's items (None: all of them)
     share: Share | None = None
-    sharded: bool = False  # the model is sharded over the launch's processes: no gradient strategy
+    sharded: bool = False  # the model is sharded over the launch's processes (FSDP2)
     # search.repetition discount: (budget in tokens, available tokens per domain in `names` order, R*); None: off
     repetition: tuple[float, torch.Tensor, float] | None = None
     _estimate: GradientObjective | None = None  # this process's differentiable objective (strategy gradient)
@@ -104,8 +105,8 @@ class ScoringSession:
         self.merger.close()
 
     def differentiable(self) -> GradientObjective | CollectiveGradient:
-        """The objective as a function differentiable in the mixture α (strategy gradient); under a
-        data-parallel launch, summed over the processes' shares of the items."""
+        """The objective as a function differentiable in the mixture α (strategy gradient); under a launch,
+        summed over the processes' shares of the items."""
         return self.estimate() if self.share is None else CollectiveGradient(self)
 
     def estimate(self) -> GradientObjective:
@@ -133,9 +134,12 @@ class ScoringSession:
         generator = torch.Generator()
         generator.set_state(state)
         with torch.enable_grad():
-            part = self.estimate()(alpha, batch, generator, self.share)
-            if part.requires_grad:
-                part.backward()
+            if self.sharded:
+                part = self._sharded_part(alpha, batch, generator)
+            else:
+                part = self.estimate()(alpha, batch, generator, self.share)
+                if part.requires_grad:
+                    part.backward()
         grad = alpha.grad if alpha.grad is not None else torch.zeros_like(alpha)
         # on the model's device: the process group of a GPU launch (NCCL) reduces GPU tensors only
         total = torch.cat([part.detach().reshape(1).double().cpu(), grad.double().cpu()])
@@ -144,11 +148,45 @@ class ScoringSession:
         return total[0].item(), total[1:].tolist(), generator.get_state()
 
 
+    def _sharded_part(self, alpha: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """This process's part of the estimate at `alpha` on a sharded model, its gradient in α left in
+        `alpha.grad`. No process holds Θ(α) whole to differentiate through, so the chain rule is taken in two
+        steps: the model is merged at α in place (each process its rows) and back-propagated as in sharded
+        training (FSDP2 reduce-scatters the gradients, every process's forward passes in step: `in_step`),
+        which leaves each process the gradient g of the whole estimate on its rows of Θ; then dα = the
+        gradient in α of Σ ⟨g, Θ(α)⟩ over its rows (`merged_state`, so replay, repetition and the merge
+        method are differentiated as in one process), summed over the processes by the caller."""
+        estimate = self.estimate()
+        self.merger.apply(self.weights(dict(zip(self.names, alpha.tolist(), strict=True))))
+        params = dict(self.model.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        device = next(iter(params.values())).device
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+                p.grad = None
+            part = estimate.value(lambda ids: self.model(input_ids=ids.to(device)).logits, batch, generator,
+                                  self.share, in_step=True)
+            part.backward()
+            # FSDP2 reduce-scatters the mean over the processes; the parts add up to the estimate: × N
+            world = torch.distributed.get_world_size()
+            grads = {n: shard_rows(p.grad)[0] for n, p in params.items() if p.grad is not None}
+            rows = estimate.merged_state(alpha)
+            inner = sum(((rows[n] * g.to(rows[n].dtype)).sum() for n, g in grads.items() if n in rows),
+                        torch.zeros(()))
+            (world * inner).backward()
+        finally:
+            for n, p in params.items():
+                p.grad = None
+                p.requires_grad_(flags[n])
+        return part.detach()
+
+
 GradientStep = tuple[list[float], int, torch.Tensor]  # α, items drawn per benchmark, the generator's state
 
 
 class CollectiveGradient:
-    """The gradient strategy's objective under a data-parallel launch, called on the main process: each call
+    """The gradient strategy's objective under a launch, called on the main process: each call
     is made by every process (`tell`, `follow`), each estimating on its share of the same drawn items, and
     the values and gradients are summed (all-reduce). Its result is a tensor whose value is the sum and
     whose gradient in α is the summed gradient, so the strategy's Adam step runs as in one process."""

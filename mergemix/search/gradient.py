@@ -139,6 +139,8 @@ class Gradient(_Queue):
             value = value - spec.kl_weight * (torch.special.xlogy(alpha, alpha) - alpha * prior.log()).sum()
         opt.zero_grad()
         (-value).backward()
+        assert z.grad is not None
+        log.debug("gradient: estimate %.6f, gradient in the logits %s, at %s", value.item(),
+                  np.array2string(-z.grad.numpy(), precision=6, separator=","), alpha.detach().numpy().round(3))
         opt.step()
-        log.debug("gradient: estimate %.4f at %s", value.item(), alpha.detach().numpy().round(3))
         return value.item()

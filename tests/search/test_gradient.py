@@ -109,11 +109,15 @@ def test_auto_strategy_is_gradient_only_where_it_can_run(micro_recipe_file: Path
     assert propose.choose_strategy(recipe.evaluation, model, staged=False) == "gradient"
     # mixture.groups: gradient searches flat shares
     assert propose.choose_strategy(recipe.evaluation, model, staged=True) == "surface"
-    with monkeypatch.context() as m:  # too little memory for the merged parameters and their gradients
-        m.setattr(propose, "free_memory", lambda device: 1000)
+    need = 8 * sum(p.numel() for p in model.parameters())  # fp32 merged parameters and their gradients
+    with monkeypatch.context() as m:  # too little memory for them
+        m.setattr(propose, "free_memory", lambda device: need - 1)
         assert propose.choose_strategy(recipe.evaluation, model, staged=False) == "surface"
-    # a launch's sharded search holds no whole merged model
-    assert propose.choose_strategy(recipe.evaluation, model, staged=False, sharded=True) == "surface"
+        # a sharded search holds each process's rows of them: half in a launch of 2
+        m.setenv("WORLD_SIZE", "2")
+        assert propose.choose_strategy(recipe.evaluation, model, staged=False, sharded=True) == "gradient"
+        m.setattr(propose, "free_memory", lambda device: need // 2 - 1)
+        assert propose.choose_strategy(recipe.evaluation, model, staged=False, sharded=True) == "surface"
     # a weighted benchmark without a gradient (generation) would be left out of the descent: surface
     gen = tmp_path / "gen.jsonl"
     gen.write_text("".join(json.dumps({"question": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(4)))
