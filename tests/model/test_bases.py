@@ -16,6 +16,7 @@ import yaml
 
 from mergemix import MergemixError, load_recipe, propose
 from mergemix.catalog import PACKAGED
+from mergemix.model import bases
 from mergemix.model.bases import resolve_base
 from mergemix.model.modeling import load_base
 from mergemix.model.packaged import PackagedModel, packaged_file
@@ -59,14 +60,18 @@ def test_a_gguf_file_loads_with_its_weights(tiny_lm: tuple[Any, Any], tmp_path: 
 
 
 def test_a_converted_gguf_is_reused_and_keyed_by_its_content(tiny_lm: tuple[Any, Any], tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     model, tok = tiny_lm
-    file = write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
-    first, _ = resolve_base(str(file), tmp_path / "cache")
+    file = write_llama_gguf(model, tok, tmp_path / "tiny-q8.gguf", "Q8_0")
+    first, source = resolve_base(str(file), tmp_path / "cache")
     stamp = (first / "config.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="mergemix.model.bases"):
-        again, _ = resolve_base(str(file), tmp_path / "cache")
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="mergemix.model.bases"):
+        # a reuse takes the source from the conversion's record: the header is not parsed again
+        m.setattr(bases, "_read_header", lambda path: pytest.fail("the header was parsed again"))
+        again, again_source = resolve_base(str(file), tmp_path / "cache")
     assert again == first and (first / "config.json").stat().st_mtime_ns == stamp
+    assert again_source == source and again_source.tensor_types == {"Q8_0": 8, "F32": 3}
     assert "reusing" in caplog.text
     other = model.__class__(model.config)
     other.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
