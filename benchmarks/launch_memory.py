@@ -4,15 +4,18 @@
     python benchmarks/launch_memory.py --recipe R --processes 4 experts.batch_size=8
 
 Each run trains one expert (`mergemix experts RECIPE --domain D`, a few steps, in a run directory of its own)
-from the recipe's base: once as one plain process, once under `accelerate launch --num_processes N --use_fsdp
---fsdp_version 2`. Every process reports its peak resident memory (getrusage ru_maxrss) and its resident
-memory just after its imports (torch, transformers, mergemix: the same in every process), and the table
-prints them beside the model's float32 size. One process holds the base whole and trains a copy of it
-(weights, gradients, AdamW state: 4 + 16 bytes a parameter); under the FSDP launch no process ever holds the
-base whole (mergemix.model.sharded): each reads its rows of the checkpoint, trains them in place (4/N + 12/N
-bytes a parameter, plus one decoder layer and the root's embedding gathered) and reads them back, and the main
-process gathers the expert whole only to save it. Both runs go through `mergemix.cli.main`, which pins glibc's
-mmap threshold (mergemix.hostmem).
+from the recipe's base: once as one plain process, twice under `accelerate launch --num_processes N --use_fsdp
+--fsdp_version 2`: as the recipe says, and with training and scoring both under bf16 autocast (what a GPU
+node does by default), where the launch gathers the decoder layers in bf16 (`mergemix.collective.shard_model`)
+instead of keeping autocast's bf16 copy of the whole model for backward. The single process's run does not
+depend on the scoring precision. Every process reports its peak resident memory (getrusage ru_maxrss) and
+its resident memory just after its imports (torch, transformers, mergemix: the same in every process), and
+the table prints them beside the model's float32 size. One process holds the base whole and trains a copy of
+it (weights, gradients, AdamW state: 4 + 16 bytes a parameter); under the FSDP launch no process ever holds
+the base whole (mergemix.model.sharded): each reads its rows of the checkpoint, trains them in place (4/N +
+12/N bytes a parameter, plus one decoder layer and the root's embedding gathered) and reads them back, and
+the main process gathers the expert whole only to save it. Every run goes through `mergemix.cli.main`, which
+pins glibc's mmap threshold (mergemix.hostmem).
 
 Measured on 2 CPU cores, SmolLM2-135M (134.5M parameters, 0.50 GiB in float32), the recipe's batch of 8 rows
 of 128 tokens, `experts.steps=2`, 2 processes: figures in docs/scale.md#fsdp.
@@ -79,12 +82,16 @@ def main() -> None:
 
     domain = args.domain or load_recipe(args.recipe).domain_names[0]
     gb = 2**30
+    # (label, processes, extra overrides): the launch twice, its layers gathered as they are (float32
+    # scoring) and in bf16 (training and scoring both under bf16 autocast, a GPU node's default)
+    runs = [("one process", 1, []), ("FSDP", args.processes, []),
+            ("FSDP, bf16 layers", args.processes, ["experts.precision=bf16", "evaluation.precision=bf16"])]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, args.processes):
-            out = Path(tmp) / f"n{n}"
+        for i, (label, n, extra) in enumerate(runs):
+            out = Path(tmp) / f"run{i}"
             out.mkdir()
-            argv = ["experts", args.recipe, "--domain", domain, *overrides, f"run_dir={out / 'run'}"]
+            argv = ["experts", args.recipe, "--domain", domain, *overrides, *extra, f"run_dir={out / 'run'}"]
             me = [__file__, "--child", str(out), "--", *argv]
             if n == 1:
                 cmd = [sys.executable, *me]
@@ -92,22 +99,21 @@ def main() -> None:
                 cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(n),
                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                        "--main_process_port", PORT, "--use_fsdp", "--fsdp_version", "2", *me]
-            rows[n] = _run(cmd, out)
+            rows[label] = (n, _run(cmd, out))
             if n == 1:  # the expert's tensors are the base's
                 specs = file_specs(out / "run" / "experts" / domain / "model.safetensors")
                 params = sum(math.prod(shape) for shape, _ in specs.values())
-    single = rows[1][0]
+    single = rows["one process"][1][0]
     print(f"{args.recipe}: expert {domain}, {' '.join(overrides)}; base {params:,} parameters, "
           f"{4 * params / gb:.2f} GiB in float32")
-    print(f"{'processes':>9} {'rank':>4} {'peak RSS GiB':>12} {'vs 1 process':>12} {'above imports GiB':>17} "
-          f"{'vs 1 process':>12} {'above imports / fp32 model':>26}")
-    for n, ranks in rows.items():
+    print(f"{'run':>17} {'processes':>9} {'rank':>4} {'peak RSS GiB':>12} {'vs 1 process':>12} "
+          f"{'above imports GiB':>17} {'vs 1 process':>12} {'above imports / fp32 model':>26}")
+    for label, (n, ranks) in rows.items():
         for r in ranks:
             above = r["peak"] - r["start"]
-            print(f"{n:>9} {r['rank']:>4} {r['peak'] / gb:>12.2f} {r['peak'] / single['peak']:>12.2f} "
+            print(f"{label:>17} {n:>9} {r['rank']:>4} {r['peak'] / gb:>12.2f} {r['peak'] / single['peak']:>12.2f} "
                   f"{above / gb:>17.2f} {above / (single['peak'] - single['start']):>12.2f} "
                   f"{above / (4 * params):>26.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -62,7 +62,7 @@ class Evaluator:
         """benchmark → metric → value (plus `<metric>_se` standard errors) for `model` as it is now. With
         `share`, every process of a launch calls it together, each scoring its share of the items."""
         model.eval()
-        with self._precision(model):
+        with self.precision(model):
             return {name: bench.score(model, share) for name, bench in self.benchmarks.items()}
 
     @torch.no_grad()
@@ -70,11 +70,11 @@ class Evaluator:
         """benchmark → metric → per-item values for `model` as it is now, for every benchmark whose kind gives
         them (not lm_eval): two models scored here are compared item by item (`Objective.diff_se`)."""
         model.eval()
-        with self._precision(model):
+        with self.precision(model):
             return {name: bench.item_values(model, share) for name, bench in self.benchmarks.items()
                     if bench.paired}
 
-    def _precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    def precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Autocast to the context's dtype on the model's device, or nothing."""
         if self.autocast is None:
             return contextlib.nullcontext()

@@ -48,9 +48,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _empty_sharded(config: Any, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                   generation_config: Any = None) -> torch.nn.Module:
-    """A model of `config` sharded over the launch, its parameters allocated on `device` (only this process's
-    rows) and not yet filled. Buffers (rotary frequencies) are computed as usual: they are not sharded."""
+                   generation_config: Any = None, layer_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model of `config` sharded over the launch (`shard_model`, its decoder layers gathered in
+    `layer_dtype`), its parameters allocated on `device` (only this process's rows) and not yet filled.
+    Buffers (rotary frequencies) are computed as usual: they are not sharded."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +60,7 @@ def _empty_sharded(config: Any, dtype: torch.dtype, device: torch.device, trust_
     model.tie_weights()  # init_empty_weights leaves a tied output embedding untied
     if generation_config is not None:
         model.generation_config = generation_config
-    shard_model(model, device)
+    shard_model(model, device, layer_dtype)
     buffers = {n: b.to(device) for n, b in model.named_buffers()}
     model.to_empty(device=device)  # parameters and buffers: the buffers are put back
     for name, b in buffers.items():
@@ -82,10 +83,11 @@ def _fill_from(model: torch.nn.Module, state: Rows) -> None:
 
 
 def load_sharded(path: Path, open_rows: Callable[[], Rows], dtype: torch.dtype, device: torch.device,
-                 trust_remote_code: bool = False) -> torch.nn.Module:
+                 trust_remote_code: bool = False, layer_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The checkpoint directory `path` (its config; its tensors in `open_rows()`, its memory-mapped safetensors
     files) as a model sharded over the launch, in `dtype` on `device`: each process reads only its rows of
-    each tensor. A collective: every process calls it. Tensor names that are not the model's own (an older
+    each tensor. Its decoder layers are gathered in `layer_dtype` where every forward pass runs under autocast
+    to it (`shard_model`). A collective: every process calls it. Tensor names that are not the model's own (an older
     layout that transformers renames when loading) are refused in one line."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -94,7 +96,7 @@ def load_sharded(path: Path, open_rows: Callable[[], Rows], dtype: torch.dtype, 
         generation = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:  # no generation_config.json: the model's default, as from_pretrained leaves it
         generation = None
-    model = _empty_sharded(config, dtype, device, trust_remote_code, generation)
+    model = _empty_sharded(config, dtype, device, trust_remote_code, generation, layer_dtype)
     state = open_rows()
     missing = [n for n, _ in model.named_parameters() if n not in state]
     if missing:
@@ -104,9 +106,9 @@ def load_sharded(path: Path, open_rows: Callable[[], Rows], dtype: torch.dtype, 
     _fill_from(model, state)
     _SOURCES[model] = open_rows
     params = list(model.parameters())
-    log.info("base %s: sharded over %d processes, this one read %s of its %s parameters", path.name,
+    log.info("base %s: sharded over %d processes, this one read %s of its %s parameters%s", path.name,
              params[0].device_mesh.size(), f"{sum(shard_rows(p)[0].numel() for p in params):,}",
-             f"{sum(p.numel() for p in params):,}")
+             f"{sum(p.numel() for p in params):,}", f"; layers gathered in {layer_dtype}" if layer_dtype else "")
     return model
 
 

@@ -272,7 +272,10 @@ def train(
 
 
 def _check_sharding(accelerator) -> bool:
-    """Whether the launch shards the model (FSDP2); a sharding mergemix cannot train is a MergemixError."""
+    """Whether the launch shards the model (FSDP2); a sharding mergemix cannot train is a MergemixError. An
+    accelerator reused for several runs (the experts of one stage) may have had its shared state rebuilt from
+    the launch since it was made, which on CPU forgets FSDP again: `_fsdp_on_cpu` first."""
+    _fsdp_on_cpu(accelerator)
     kind = accelerator.distributed_type.value
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise MergemixError(f"accelerate config: {kind} is not supported; use FSDP version 2 (accelerate launch "

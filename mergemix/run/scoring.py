@@ -165,8 +165,9 @@ class ScoringSession:
             for p in params.values():
                 p.requires_grad_(True)
                 p.grad = None
-            part = estimate.value(lambda ids: self.model(input_ids=ids.to(device)).logits, batch, generator,
-                                  self.share, in_step=True)
+            with self.evaluator.precision(self.model):  # as the model is scored (and gathered: shard_model)
+                part = estimate.value(lambda ids: self.model(input_ids=ids.to(device)).logits, batch, generator,
+                                      self.share, in_step=True)
             part.backward()
             # FSDP2 reduce-scatters the mean over the processes; the parts add up to the estimate: × N
             world = torch.distributed.get_world_size()

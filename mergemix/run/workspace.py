@@ -36,7 +36,7 @@ from mergemix.model.modeling import (
     max_positions,
 )
 from mergemix.model.sharded import load_sharded
-from mergemix.model.train import process_state, resolve_precision
+from mergemix.model.train import AUTOCAST, process_state, resolve_precision
 from mergemix.progress import progress
 from mergemix.recipe import Recipe, dump_recipe
 from mergemix.run.experts import Expert, check_given, precision_key, replay_share
@@ -109,7 +109,7 @@ def _load_base(base_path: Path, recipe: Recipe, whole: bool = False) -> tuple[to
                                 "launch data-parallel (--multi_gpu)")
         spec = recipe.base
         model = load_sharded(base_path, partial(checkpoint_state, base_path), DTYPES[spec.dtype],
-                             process_state(recipe.device).device, spec.trust_remote_code)
+                             process_state(recipe.device).device, spec.trust_remote_code, layer_dtype(recipe))
         return model, load_tokenizer(base_path, spec)
     model, tokenizer = load_base(base_path, recipe.base)
     if recipe.device == "auto" and torch.cuda.is_available():
@@ -166,6 +166,15 @@ def open_workspace(recipe: Recipe, distributed: bool = False) -> Workspace:
     check_cap(r.mixture, available)
     return Workspace(recipe, run_dir, cache_dir, timings, base_path, source, base_hash, model, tokenizer, blocks,
                      available, benchmark_data)
+
+
+def layer_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The dtype an FSDP launch gathers the sharded base's decoder layers in (`shard_model`): the autocast
+    dtype where training (experts, report runs) and scoring both run under it (bf16 on a GPU by default),
+    else None (float32 scoring must see float32 weights)."""
+    device = "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
+    train = resolve_precision(recipe.experts.precision, device)
+    return AUTOCAST.get(train) if train == scoring_precision(recipe) else None
 
 
 def scoring_precision(recipe: Recipe) -> str:

@@ -95,6 +95,52 @@ def test_fsdp_expert_equals_one_process(recipe_file: Path, one_process: Path) ->
     assert not list((run / "experts" / "math").glob("checkpoint-*"))  # its sharded checkpoint (step 3) is gone
 
 
+def test_a_bf16_fsdp_launch_gathers_the_layers_in_bf16(recipe_file: Path) -> None:
+    """Where training and scoring both run under bf16 autocast, an FSDP launch gathers the decoder layers in
+    bf16 (so no process keeps autocast's bf16 copy of the whole model for backward), and the expert is the
+    one-process bf16 expert but for bf16 rounding: its update from the base agrees to a few percent. Where
+    scoring is float32 (the recipe's default here) the layers are gathered as they are."""
+    bf16 = ["experts.precision=bf16", "evaluation.precision=bf16"]
+    one, two = recipe_file.parent / "bf16_one", recipe_file.parent / "bf16_fsdp"
+    _run([sys.executable, *EXPERTS, str(recipe_file), f"run_dir={one}", *bf16, "--domain", "math"])
+    log = _run([*LAUNCH, *FSDP, *EXPERTS, str(recipe_file), f"run_dir={two}", *bf16, "--domain", "math"])
+    assert log.count("layers gathered in torch.bfloat16") == 2
+    fp32 = _run([*LAUNCH, *FSDP, *EXPERTS, str(recipe_file), f"run_dir={two}_scored_fp32",
+                 "experts.precision=bf16", "--domain", "math"])
+    assert "sharded over 2 processes" in fp32 and "layers gathered" not in fp32
+    base = load_file(str(next((recipe_file.parent / "cache").rglob("model.safetensors"))))
+    a = load_file(str(one / "experts" / "math" / "model.safetensors"))
+    b = load_file(str(two / "experts" / "math" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    tau_a = torch.cat([(a[n] - base[n]).flatten() for n in sorted(a)])
+    tau_b = torch.cat([(b[n] - base[n]).flatten() for n in sorted(a)])
+    assert tau_a.norm() > 0
+    assert (tau_b - tau_a).norm() / tau_a.norm() < 0.05
+
+
+def test_a_bf16_fsdp_launch_searches_with_the_gradient_strategy(recipe_file: Path) -> None:
+    """Under bf16 training and scoring an FSDP launch's sharded base has its layers gathered in bf16, and the
+    whole proposal runs on it: three experts trained in place one after the other (the accelerator reused
+    across them keeps FSDP), the sharded gradient search under the scoring's autocast, the guard. Each step's
+    estimate and gradient, and α*, are a one-process bf16 run's but for bf16 rounding."""
+    bf16 = ["experts.precision=bf16", "evaluation.precision=bf16", "search.strategy=gradient",
+            "search.gradient_steps=6", "search.gradient_batch=3", "search.gradient_verify=2"]
+    one, two = recipe_file.parent / "bf16_propose_one", recipe_file.parent / "bf16_propose_fsdp"
+    cmd = ["-m", "mergemix", "-v", "propose", str(recipe_file), *bf16]
+    one_log = _run([sys.executable, *cmd, f"run_dir={one}"])
+    log = _run([*LAUNCH, *FSDP, *cmd, f"run_dir={two}", "search.launch=sharded"])
+    assert log.count("layers gathered in torch.bfloat16") == 2
+    steps_one, steps_two = _descent(one_log), _descent(log)
+    assert len(steps_one) == len(steps_two) == 6
+    # the launch's descent runs under the scoring's bf16 autocast, the one process's in float32: ~1e-3 apart
+    for (v1, g1), (v2, g2) in zip(steps_one, steps_two, strict=True):
+        assert v2 == pytest.approx(v1, abs=1e-2)
+        np.testing.assert_allclose(g2, g1, rtol=0.05, atol=5e-3)
+    star_one = json.loads((one / "proposal.json").read_text())["alpha_star"]
+    star_two = json.loads((two / "proposal.json").read_text())["alpha_star"]
+    assert star_two == pytest.approx(star_one, abs=0.05)
+
+
 def test_a_killed_fsdp_expert_resumes_from_its_sharded_checkpoint(recipe_file: Path) -> None:
     """An FSDP2 expert job killed (SIGKILL, every process) after a sharded checkpoint continues from it when run
     again, and ends with the weights of an uninterrupted FSDP run: model, AdamW state and schedule were saved by
