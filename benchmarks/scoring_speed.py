@@ -10,6 +10,7 @@ subsets with the same public `score`; lm-eval's from its logged samples.
     python benchmarks/scoring_speed.py --base DIR       # a local HF checkpoint, e.g. a cached demo base
     python benchmarks/scoring_speed.py --data FILE      # any multiple-choice jsonl (question, choices, answer)
     python benchmarks/scoring_speed.py --base ~/.cache/mergemix/bases/gguf-SmolLM2-135M-Instruct.Q4_1-*   # 135M
+    python benchmarks/scoring_speed.py --base DIR --device cuda   # on a GPU (benchmarks/gpu_check.sh)
 
 Both share an item's question among its options: lm-eval's HFLM through its logits cache (one forward pass
 per item where every option is one token), mergemix by running each question once and copying its
@@ -72,6 +73,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each scorer (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--items", type=int, default=None, help="score at most this many items (the first ones)")
+    p.add_argument("--device", default="cpu", help="where both scorers run the model (cuda: the GPU check)")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -93,6 +95,7 @@ def main() -> None:
     data.write_text("".join(json.dumps({"question": it.question, "choices": it.choices, "answer": it.answer}) + "\n"
                             for it in items))
     model, tok, what = _model(args.base, [f"{it.question} {' '.join(it.choices)}" for it in items])
+    model.to(args.device)
     contexts = {"fp32": EvalContext(tok, 128, {}, work, args.batch_size, 0),
                 "bf16": EvalContext(tok, 128, {}, work, args.batch_size, 0, torch.bfloat16)}
     scorers = {p: Evaluator([spec], ctx, {"mc": items}) for p, ctx in contexts.items()}
@@ -111,7 +114,7 @@ def main() -> None:
     n = len(items)
     print(f"model: {what}; {sum(x.numel() for x in model.parameters()):,} parameters; {n} items of {args.data} "
           f"(mean {sum(len(it.choices) for it in items) / n:.1f} choices); batch size {args.batch_size}; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.device}")
     print("| scorer | seconds | items/s | acc | acc_norm |\n| --- | --- | --- | --- | --- |")
     for (result, s), precision in zip(timed[:2], ("fp32", "bf16"), strict=True):
         print(f"| mergemix multiple_choice, {precision} | {s:.2f} | {n / s:.1f} | {result['acc']:.4f} | "
