@@ -86,8 +86,8 @@ def _check_gguf(path: Path) -> None:
 
 def _read_header(path: Path) -> BaseSource:
     """Architecture and tensor types from the file's header, refusing what cannot become a base. Parsing a
-    header reads every metadata field (a 49k-token vocabulary: ~2.5 s and ~0.15 GiB of Python objects on the
-    heap of every process), so it is done once, at conversion (`_converted_source` reads the record after)."""
+    header reads every metadata field (SmolLM2's 49k-token vocabulary: 1.7 s and ~0.15 GiB of Python objects
+    on the heap of every process), so it is done once, at conversion (`_converted_source` reads the record after)."""
     import gguf
 
     try:

@@ -87,8 +87,8 @@ def load_sharded(path: Path, open_rows: Callable[[], Rows], dtype: torch.dtype, 
     """The checkpoint directory `path` (its config; its tensors in `open_rows()`, its memory-mapped safetensors
     files) as a model sharded over the launch, in `dtype` on `device`: each process reads only its rows of
     each tensor. Its decoder layers are gathered in `layer_dtype` where every forward pass runs under autocast
-    to it (`shard_model`). A collective: every process calls it. Tensor names that are not the model's own (an older
-    layout that transformers renames when loading) are refused in one line."""
+    to it (`shard_model`). A collective: every process calls it. Tensor names that are not the model's own (an
+    older layout that transformers renames when loading) are refused in one line."""
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
