@@ -37,7 +37,7 @@ class Rows(Protocol):
 
 
 # how to open again the checkpoint each model of `load_sharded` was read from, for `trainable`
-_SOURCES: weakref.WeakKeyDictionary[torch.nn.Module, Callable[[], Rows]] = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[torch.nn.Module, Callable[[], Rows | None]] = weakref.WeakKeyDictionary()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -82,22 +82,27 @@ def _fill_from(model: torch.nn.Module, state: Rows) -> None:
     _fill(model, lambda name, rows: state.rows(name, rows) if rows is not None else state[name])
 
 
-def load_sharded(path: Path, open_rows: Callable[[], Rows], dtype: torch.dtype, device: torch.device,
+def load_sharded(path: Path, open_rows: Callable[[], Rows | None], dtype: torch.dtype, device: torch.device,
                  trust_remote_code: bool = False, layer_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The checkpoint directory `path` (its config; its tensors in `open_rows()`, its memory-mapped safetensors
     files) as a model sharded over the launch, in `dtype` on `device`: each process reads only its rows of
     each tensor. Its decoder layers are gathered in `layer_dtype` where every forward pass runs under autocast
-    to it (`shard_model`). A collective: every process calls it. Tensor names that are not the model's own (an
-    older layout that transformers renames when loading) are refused in one line."""
+    to it (`shard_model`). A collective: every process calls it. A checkpoint without safetensors files
+    (`open_rows()` is None) and tensor names that are not the model's own (an older layout that transformers
+    renames when loading) are refused in one line."""
     from transformers import AutoConfig, GenerationConfig
 
+    state = open_rows()
+    if state is None:
+        raise MergemixError(f"base.path: {path} holds no model*.safetensors; an FSDP launch reads the base shard "
+                            "by shard from safetensors files: save it with save_pretrained, or launch "
+                            "data-parallel (--multi_gpu)")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     try:
         generation = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:  # no generation_config.json: the model's default, as from_pretrained leaves it
         generation = None
     model = _empty_sharded(config, dtype, device, trust_remote_code, generation, layer_dtype)
-    state = open_rows()
     missing = [n for n, _ in model.named_parameters() if n not in state]
     if missing:
         raise MergemixError(f"base.path: {path} has no tensor {missing[0]!r} ({len(missing)} missing) in its "
@@ -127,7 +132,9 @@ def trainable(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield model
         finally:
             model.zero_grad(set_to_none=True)
-            _fill_from(model, reopen())
+            state = reopen()
+            assert state is not None, "load_sharded read this checkpoint"
+            _fill_from(model, state)
         return
     p = next(model.parameters())
     out = _empty_sharded(model.config, torch.float32, p.device, generation_config=model.generation_config)

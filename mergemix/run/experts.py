@@ -128,12 +128,21 @@ def expert_key(recipe: Recipe, base_hash: str, blocks: dict[str, DomainBlocks], 
                         _seed(recipe.seed, domain), domain, *precision_key(recipe)])
 
 
+def device_kind(recipe: Recipe) -> str:
+    """"cuda" or "cpu": the device kind the run's precisions resolve on (`resolve_precision`)."""
+    return "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
+
+
+def training_precision(recipe: Recipe) -> str:
+    """What experts.precision means on the run's device (experts and report runs): fp32, bf16 or fp16."""
+    return resolve_precision(recipe.experts.precision, device_kind(recipe))
+
+
 def precision_key(recipe: Recipe) -> list[str]:
     """What the training precision adds to a cache key: nothing for float32 training of a float32 base (the
     keys of such runs predate the field), else the resolved precision. Micro-batches and gradient
     checkpointing change results only by float rounding and are left out."""
-    device = "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(recipe.experts.precision, device)
+    precision = training_precision(recipe)
     return [] if precision == "fp32" and recipe.base.dtype == "float32" else [f"train-{precision}-master-fp32"]
 
 

@@ -39,7 +39,14 @@ from mergemix.model.sharded import load_sharded
 from mergemix.model.train import AUTOCAST, process_state, resolve_precision
 from mergemix.progress import progress
 from mergemix.recipe import Recipe, dump_recipe
-from mergemix.run.experts import Expert, check_given, precision_key, replay_share
+from mergemix.run.experts import (
+    Expert,
+    check_given,
+    device_kind,
+    precision_key,
+    replay_share,
+    training_precision,
+)
 from mergemix.search.mixture import available_tokens, check_cap
 
 log = logging.getLogger(__name__)
@@ -103,10 +110,6 @@ def _load_base(base_path: Path, recipe: Recipe, whole: bool = False) -> tuple[to
     sharded over the processes, each reading only its rows from the checkpoint's files: 8 processes hold one
     copy between them, not 8 (a collective: every process calls it)."""
     if fsdp_launch() and not whole:
-        if checkpoint_state(base_path) is None:
-            raise MergemixError(f"base.path: {base_path} holds no model*.safetensors; an FSDP launch reads the "
-                                "base shard by shard from safetensors files: save it with save_pretrained, or "
-                                "launch data-parallel (--multi_gpu)")
         spec = recipe.base
         model = load_sharded(base_path, partial(checkpoint_state, base_path), DTYPES[spec.dtype],
                              process_state(recipe.device).device, spec.trust_remote_code, layer_dtype(recipe))
@@ -172,15 +175,13 @@ def layer_dtype(recipe: Recipe) -> torch.dtype | None:
     """The dtype an FSDP launch gathers the sharded base's decoder layers in (`shard_model`): the autocast
     dtype where training (experts, report runs) and scoring both run under it (bf16 on a GPU by default),
     else None (float32 scoring must see float32 weights)."""
-    device = "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
-    train = resolve_precision(recipe.experts.precision, device)
+    train = training_precision(recipe)
     return AUTOCAST.get(train) if train == scoring_precision(recipe) else None
 
 
 def scoring_precision(recipe: Recipe) -> str:
     """What evaluation.precision means on the run's device: fp32, bf16 or fp16."""
-    device = "cuda" if recipe.device == "auto" and torch.cuda.is_available() else "cpu"
-    return resolve_precision(recipe.evaluation.precision, device, "evaluation.precision")
+    return resolve_precision(recipe.evaluation.precision, device_kind(recipe), "evaluation.precision")
 
 
 def benchmark_key(ws: Workspace) -> str:
